@@ -1,0 +1,146 @@
+"""What every handler shares: the request context, the plan it returns, and
+the mapping of script statuses to protocol errors.
+
+A handler does not talk to Redis. It returns a Plan: the script calls to make
+and a function that turns their raw results into the reply's result. The
+front worker sends the calls of every request in a batch as one pipeline,
+so requests that arrive together reach Redis together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import codec, keys
+from service.protocol import iso
+from service.errors import (
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RegistryFull,
+    SessionLimitExceeded,
+    SessionNotFound,
+    VersionConflict,
+)
+from service.settings import Settings
+from service.store import Arg, Call
+
+log = logging.getLogger(__name__)
+
+Result = dict[str, Any]
+Finish = Callable[[list[Any]], Result]
+
+
+@dataclass(slots=True)
+class Ctx:
+    settings: Settings
+    command: str
+    request_id: str | int | None
+    params: dict[str, Any]  # as validated, for the replay fingerprint
+    started_at: float = 0.0
+    command_names: Sequence[str] = field(default_factory=tuple)
+
+
+@dataclass(slots=True)
+class Plan:
+    calls: list[Call]
+    finish: Finish
+
+
+def immediate(result: Result) -> Plan:
+    return Plan([], lambda _raw: result)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def check(raw: Any, settings: Settings) -> list[Any]:
+    """The raw script reply if its status is OK, else the matching error."""
+    if isinstance(raw, Exception):
+        log.error("script failed: %s", raw)
+        raise InternalError()
+    status = raw[0]
+    if status == b"OK":
+        return list(raw)
+    if status == b"NOTFOUND":
+        raise SessionNotFound()
+    if status == b"CONFLICT":
+        raise VersionConflict(current_version=int(raw[1]))
+    if status == b"TOOLARGE":
+        raise PayloadTooLarge(
+            f"session state plus context would exceed {settings.max_state_bytes} bytes",
+            limit_bytes=settings.max_state_bytes,
+        )
+    if status == b"LIMIT":
+        raise SessionLimitExceeded(limit=settings.max_sessions_per_client)
+    if status == b"FULL":
+        raise RegistryFull(limit=settings.max_registry_size)
+    if status == b"REUSED":
+        raise InvalidRequest(
+            "this request id was already used with different parameters", field="id"
+        )
+    log.error("unexpected script status %r", status)
+    raise InternalError()
+
+
+def fingerprint(ctx: Ctx) -> str:
+    """'' (no replay protection) for a request without an id."""
+    if ctx.request_id is None:
+        return ""
+    canonical = codec.dumps_sorted([ctx.command, ctx.params])
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def replay_scope(ctx: Ctx, target: str) -> str:
+    return f"{ctx.command}\0{target}\0{codec.dumps(ctx.request_id).decode()}"
+
+
+def session_call(
+    ctx: Ctx,
+    script: Any,
+    session_id: str,
+    client_id: str | None,
+    extra: Sequence[Arg] = (),
+    replay: bool = False,
+) -> Call:
+    """A call of a session-scoped script (see service/scripts.py for the convention)."""
+    chash = keys.chash_of_session(session_id)
+    bucket = keys.bucket_of(chash)
+    fp = fingerprint(ctx) if replay else ""
+    key_list = keys.session_keys(session_id)
+    key_list.append(keys.replay_key(bucket, replay_scope(ctx, session_id) if fp else ""))
+    args: list[Arg] = [
+        client_id or "",
+        fp,
+        ctx.settings.replay_window * 1000,
+        session_id,
+        chash,
+        *extra,
+    ]
+    return Call(script, key_list, args)
+
+
+def require_session_id(session_id: str) -> str:
+    """A well-formed string that cannot be one of our ids names no session."""
+    if not keys.is_session_id(session_id):
+        raise SessionNotFound()
+    return session_id
+
+
+def expiry_fields(expires_ms: int, now_ms: int) -> Result:
+    return {
+        "expires_at": iso(expires_ms),
+        "time_until_expiry": max(0, (expires_ms - now_ms) // 1000),
+    }
+
+
+def encode_value(value: Any, field_name: str) -> bytes:
+    try:
+        return codec.dumps(value)
+    except codec.JSONError as exc:
+        raise InvalidRequest(f"invalid field '{field_name}': {exc}"[:300], field=field_name) from None

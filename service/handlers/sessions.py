@@ -1,0 +1,228 @@
+"""Session lifecycle commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service import keys, models, scripts
+from service.codec import Fragment
+from service.errors import InvalidRequest
+from service.handlers.base import (
+    Ctx,
+    Plan,
+    Result,
+    check,
+    encode_value,
+    expiry_fields,
+    fingerprint,
+    replay_scope,
+    require_session_id,
+    session_call,
+    text,
+)
+from service.protocol import iso
+from service.store import Call
+
+
+def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
+    s = ctx.settings
+    timeout = p.timeout if p.timeout is not None else s.default_timeout
+    if timeout > s.max_timeout:
+        raise InvalidRequest(f"timeout above {s.max_timeout} s", field="timeout")
+    info = encode_value(p.client_info, "client_info") if p.client_info is not None else b""
+    chash = keys.client_hash(p.client_id)
+    bucket = keys.bucket_of(chash)
+    sid = keys.new_session_id(chash)
+    fp = fingerprint(ctx)
+    key_list = keys.session_keys(sid)
+    key_list.append(keys.replay_key(bucket, replay_scope(ctx, p.client_id) if fp else ""))
+    args = [p.client_id, fp, s.replay_window * 1000, sid, chash,
+            timeout, info, s.max_sessions_per_client]
+    call = Call(scripts.CREATE, key_list, args)
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], s)
+        created, expires = int(r[2]), int(r[3])
+        return {
+            "session_id": text(r[1]),
+            "client_id": p.client_id,
+            "created_at": iso(created),
+            "last_modified": iso(created),
+            "timeout": timeout,
+            "expires_at": iso(expires),
+            "is_active": True,
+            "version": 1,
+        }
+
+    return Plan([call], finish)
+
+
+def _info_result(
+    session_id: str, client_id: str, created: int, modified: int, timeout: int,
+    version: int, active: int, expires: int, now: int, client_info: Any,
+) -> Result:
+    return {
+        "session_id": session_id,
+        "client_id": client_id,
+        "created_at": iso(created),
+        "last_modified": iso(modified),
+        "timeout": timeout,
+        "is_active": bool(active),
+        "version": version,
+        "is_expired": False,
+        "client_info": Fragment(client_info) if client_info else None,
+        **expiry_fields(expires, now),
+    }
+
+
+def get_session_info(p: models.SessionRef, ctx: Ctx) -> Plan:
+    sid = require_session_id(p.session_id)
+    call = session_call(ctx, scripts.INFO, sid, p.client_id)
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], ctx.settings)
+        return _info_result(
+            sid, text(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]),
+            int(r[7]), int(r[8]), r[9] or None,
+        )
+
+    return Plan([call], finish)
+
+
+def restore_session(p: models.SessionRef, ctx: Ctx) -> Plan:
+    sid = require_session_id(p.session_id)
+    call = session_call(ctx, scripts.RESTORE, sid, p.client_id)
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], ctx.settings)
+        now, expires = int(r[1]), int(r[2])
+        h = dict(zip(r[3::2], r[4::2], strict=True))
+        result = _info_result(
+            sid, text(h[b"c"]), int(h[b"ca"]), int(h[b"lm"]), int(h[b"to"]), int(h[b"v"]),
+            int(h[b"a"]), expires, now, h.get(b"ci"),
+        )
+        result.update(session_contents(h))
+        return result
+
+    return Plan([call], finish)
+
+
+def session_contents(h: dict[bytes, bytes]) -> Result:
+    """State and context from a session hash's fields (stored JSON kept as is)."""
+    state: dict[str, Fragment] = {}
+    registry: dict[str, Fragment] = {}
+    history: list[tuple[int, bytes]] = []
+    for name, value in h.items():
+        prefix = name[:2]
+        if prefix == b"s:":
+            state[name[2:].decode("utf-8")] = Fragment(value)
+        elif prefix == b"o:":
+            registry[name[2:].decode("utf-8")] = Fragment(value)
+        elif prefix == b"e:":
+            history.append((int(name[2:]), value))
+    history.sort()
+    w, i = h.get(b"w"), h.get(b"i")
+    return {
+        "session_state": state,
+        "workspace_context": Fragment(w) if w else None,
+        "inspector_state": Fragment(i) if i else None,
+        "object_registry": registry,
+        "evaluation_history": [Fragment(v) for _, v in history],
+    }
+
+
+def update_session_state(p: models.UpdateSessionState, ctx: Ctx) -> Plan:
+    sid = require_session_id(p.session_id)
+    pairs: list[str | bytes | int] = []
+    for key, value in p.state_data.items():
+        pairs.append(key)
+        pairs.append(b"" if value is None else encode_value(value, f"state_data.{key}"))
+    expected = "" if p.expected_version is None else str(p.expected_version)
+    extra = [expected, "1" if p.replace else "0", ctx.settings.max_state_bytes, *pairs]
+    call = session_call(ctx, scripts.UPDATE, sid, p.client_id, extra, replay=True)
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], ctx.settings)
+        state = {
+            name[2:].decode("utf-8"): Fragment(value)
+            for name, value in zip(r[3::2], r[4::2], strict=True)
+        }
+        return {
+            "session_id": sid,
+            "last_modified": iso(int(r[2])),
+            "session_state": state,
+            "version": int(r[1]),
+            "update_successful": True,
+        }
+
+    return Plan([call], finish)
+
+
+def close_session(p: models.CloseSession, ctx: Ctx) -> Plan:
+    sid = require_session_id(p.session_id)
+    extra = ["1" if p.save_state else "0"]
+    call = session_call(ctx, scripts.CLOSE, sid, p.client_id, extra, replay=True)
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], ctx.settings)
+        return {"session_id": sid, "closed": True, "state_saved": int(r[1]) == 1}
+
+    return Plan([call], finish)
+
+
+def list_client_sessions(p: models.ListClientSessions, ctx: Ctx) -> Plan:
+    chash = keys.client_hash(p.client_id)
+    call = Call(scripts.LIST, [keys.client_index_key(chash)], [])
+
+    def finish(raw: list[Any]) -> Result:
+        r = check(raw[0], ctx.settings)
+        now = int(r[1])
+        rows = []
+        for sid, packed in zip(r[2::2], r[3::2], strict=True):
+            exp, created, modified, timeout, version, active = (
+                int(x) for x in packed.split(b"|")
+            )
+            rows.append((created, text(sid), exp, modified, timeout, version, active))
+        rows.sort()
+        sessions = [
+            {
+                "session_id": sid,
+                "created_at": iso(created),
+                "last_modified": iso(modified),
+                "timeout": timeout,
+                "is_active": bool(active),
+                "version": version,
+                **expiry_fields(exp, now),
+            }
+            for created, sid, exp, modified, timeout, version, active in rows
+        ]
+        return {"client_id": p.client_id, "session_count": len(sessions), "sessions": sessions}
+
+    return Plan([call], finish)
+
+
+def get_session_statistics(p: models.NoParams, ctx: Ctx) -> Plan:
+    s = ctx.settings
+    calls = [
+        Call(scripts.STATS, [keys.bucket_expiry_key(b), keys.bucket_clients_key(b)], [])
+        for b in range(keys.NUM_BUCKETS)
+    ]
+
+    def finish(raw: list[Any]) -> Result:
+        sessions = clients = 0
+        for r in raw:
+            if isinstance(r, Exception):
+                check(r, s)
+            sessions += int(r[0])
+            clients += int(r[1])
+        return {
+            "total_sessions": sessions,
+            "active_clients": clients,
+            "max_sessions_per_client": s.max_sessions_per_client,
+            "default_timeout": s.default_timeout,
+            "cleanup_interval": s.cleanup_interval,
+            "history_limit": s.history_limit,
+            "replay_window": s.replay_window,
+        }
+
+    return Plan(calls, finish)

@@ -1,0 +1,88 @@
+"""The only place Redis key names are made.
+
+Every client hashes to one of NUM_BUCKETS buckets, and the bucket is the hash
+tag of all that client's keys and of the bucket's own indexes, so one script
+call always touches one hash slot (Redis Cluster ready) and the per-client
+limit stays atomic. A session id starts with its client's hash, so every key a
+session command needs is known from the session id alone.
+
+Layout (b = two-digit bucket, h = 16-hex client hash):
+
+    stui:{b<b>}:s:<session_id>   hash    one session: metadata, state, context
+    stui:{b<b>}:c:<h>            hash    a client's sessions: id -> packed metadata
+    stui:{b<b>}:exp              zset    the bucket's sessions, scored by expiry (ms)
+    stui:{b<b>}:clients          zset    the bucket's clients, scored by latest expiry
+    stui:{b<b>}:r:<digest>       string  replay record of a mutating request
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+PREFIX = "stui"
+NUM_BUCKETS = 64
+CLIENT_HASH_LEN = 16
+
+SESSION_ID_RE = re.compile(r"[0-9a-f]{16}\.[A-Za-z0-9_-]{22}")
+
+
+def client_hash(client_id: str) -> str:
+    return hashlib.sha256(client_id.encode("utf-8")).hexdigest()[:CLIENT_HASH_LEN]
+
+
+def bucket_of(chash: str) -> int:
+    return int(chash, 16) % NUM_BUCKETS
+
+
+def _tag(bucket: int) -> str:
+    return f"{PREFIX}:{{b{bucket:02d}}}"
+
+
+def new_session_id(chash: str) -> str:
+    """128 random bits, URL and file-name safe, prefixed by the client hash."""
+    return f"{chash}.{secrets.token_urlsafe(16)}"
+
+
+def is_session_id(value: str) -> bool:
+    return SESSION_ID_RE.fullmatch(value) is not None
+
+
+def chash_of_session(session_id: str) -> str:
+    return session_id[:CLIENT_HASH_LEN]
+
+
+def session_key(session_id: str) -> str:
+    return f"{_tag(bucket_of(chash_of_session(session_id)))}:s:{session_id}"
+
+
+def client_index_key(chash: str) -> str:
+    return f"{_tag(bucket_of(chash))}:c:{chash}"
+
+
+def bucket_expiry_key(bucket: int) -> str:
+    return f"{_tag(bucket)}:exp"
+
+
+def bucket_clients_key(bucket: int) -> str:
+    return f"{_tag(bucket)}:clients"
+
+
+def replay_key(bucket: int, scope: str) -> str:
+    """scope identifies the request (command, target and request id); it is
+    hashed, so no client-chosen text ever reaches a key name."""
+    digest = hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{_tag(bucket)}:r:{digest}"
+
+
+def session_keys(session_id: str) -> list[str]:
+    """KEYS[1..4] of every session-scoped script (the replay key is KEYS[5])."""
+    chash = chash_of_session(session_id)
+    bucket = bucket_of(chash)
+    return [
+        session_key(session_id),
+        client_index_key(chash),
+        bucket_expiry_key(bucket),
+        bucket_clients_key(bucket),
+    ]

@@ -1,0 +1,170 @@
+"""Wire format: detect the encoding of each message, decode it, encode replies."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from service import codec
+from service.errors import (
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    StuiError,
+    UnsupportedVersion,
+)
+from service.models import CommandRequest, EnvelopeRequest
+
+Encoding = Literal["command", "envelope"]
+PROTOCOL_VERSION = "1.0.0"
+SUPPORTED_VERSIONS = ["1.x"]
+
+
+@dataclass(slots=True)
+class ReplyTo:
+    """What an error reply needs to know, even about a request that failed to decode."""
+
+    encoding: Encoding = "command"
+    id: str | int | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    reply_to: ReplyTo
+    command: str  # as the client wrote it: snake_case or PascalCase
+    params: dict[str, Any]
+    client_id: Any  # a top-level client_id (command form), validated later
+
+
+class DecodeError(Exception):
+    def __init__(self, error: StuiError, reply_to: ReplyTo) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reply_to = reply_to
+
+
+def iso(ms: int) -> str:
+    """ISO-8601 UTC with milliseconds and a Z suffix."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def now_iso() -> str:
+    return iso(now_ms())
+
+
+def first_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    field = prefix + ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        return InvalidRequest(f"missing required field '{field}'", field=field)
+    if err["type"] == "extra_forbidden":
+        return InvalidRequest(f"unknown field '{field}'", field=field)
+    return InvalidRequest(f"invalid field '{field}': {err['msg']}", field=field)
+
+
+def validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise first_error(exc, prefix) from None
+
+
+def _salvage_id(obj: dict[str, Any]) -> str | int | None:
+    """The request's id if it is usable in a reply, else None."""
+    value = obj.get("id")
+    if isinstance(value, str) and len(value) <= 256:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value
+    return None
+
+
+def decode(body: bytes, max_bytes: int) -> Request:
+    reply_to = ReplyTo()
+    if len(body) > max_bytes:
+        error = PayloadTooLarge(f"request larger than {max_bytes} bytes", limit_bytes=max_bytes)
+        raise DecodeError(error, reply_to)
+    try:
+        obj = codec.loads(body)
+    except codec.JSONError as exc:
+        raise DecodeError(InvalidRequest(f"not valid JSON: {exc}"[:300]), reply_to) from None
+    if not isinstance(obj, dict):
+        raise DecodeError(InvalidRequest("a request must be a JSON object"), reply_to)
+    reply_to.id = _salvage_id(obj)
+    if "payload" in obj:
+        reply_to.encoding = "envelope"
+        try:
+            # The version decides how to read the rest, so it is checked first.
+            version = obj.get("version")
+            if isinstance(version, str) and version.split(".", 1)[0] != "1":
+                raise UnsupportedVersion(
+                    f"protocol version {version[:32]!r} is not supported",
+                    supported=SUPPORTED_VERSIONS,
+                )
+            env: EnvelopeRequest = validate(EnvelopeRequest, obj)
+        except StuiError as exc:
+            raise DecodeError(exc, reply_to) from None
+        return Request(reply_to, env.payload.data.request_type, env.payload.data.params, None)
+    try:
+        req: CommandRequest = validate(CommandRequest, obj)
+    except StuiError as exc:
+        raise DecodeError(exc, reply_to) from None
+    return Request(reply_to, req.command, req.parameters, req.client_id)
+
+
+def encode_success(reply_to: ReplyTo, pascal: str, result: dict[str, Any]) -> bytes:
+    if reply_to.encoding == "envelope":
+        return codec.dumps(
+            {
+                "id": reply_to.id,
+                "version": PROTOCOL_VERSION,
+                "timestamp": now_iso(),
+                "payload": {
+                    "type": "Response",
+                    "data": {"response_type": pascal, "data": result},
+                },
+            }
+        )
+    return codec.dumps(
+        {"id": reply_to.id, "status": "success", "result": result, "timestamp": now_iso()}
+    )
+
+
+def encode_error(reply_to: ReplyTo, error: StuiError) -> bytes:
+    try:
+        details = dict(error.details)
+        codec.dumps(details)
+    except (codec.JSONError, TypeError):
+        error, details = InternalError(), {}
+    if reply_to.encoding == "envelope":
+        return codec.dumps(
+            {
+                "id": reply_to.id,
+                "version": PROTOCOL_VERSION,
+                "timestamp": now_iso(),
+                "payload": {
+                    "type": "Response",
+                    "data": {
+                        "response_type": "Error",
+                        "data": {"code": error.code, "message": error.message, "details": details},
+                    },
+                },
+            }
+        )
+    return codec.dumps(
+        {
+            "id": reply_to.id,
+            "status": "error",
+            "error": error.message,
+            "error_type": error.code,
+            "details": details,
+            "timestamp": now_iso(),
+        }
+    )

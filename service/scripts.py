@@ -1,0 +1,573 @@
+"""Every Lua script the service runs, in one place.
+
+Each script is one atomic check-and-write in one hash slot. Every key arrives
+through KEYS (see service/keys.py); scripts never build key names. JSON stays
+opaque here: values arrive already encoded by Python and are stored as they
+are, so Redis' cjson (which turns [] into {}) never touches client data.
+
+Session-scoped scripts share one calling convention:
+
+    KEYS[1] session hash        KEYS[2] client index hash
+    KEYS[3] bucket expiry zset  KEYS[4] bucket clients zset
+    KEYS[5] replay record key (mutating scripts only)
+    ARGV[1] client id the request names ('' = any)
+    ARGV[2] request fingerprint ('' = no replay protection)
+    ARGV[3] replay window (ms)
+    ARGV[4] session id          ARGV[5] client hash
+    ARGV[6..] script-specific, documented in each header
+
+Every script returns an array whose first element is a status: 'OK', or one
+of 'NOTFOUND', 'CONFLICT' (+ current version), 'TOOLARGE', 'LIMIT' (+ live
+count), 'FULL' (+ registry size), 'REUSED' (request id reused with other
+parameters), 'COLLISION' (a new session id already exists).
+
+Session hash fields: c client id, ca created (ms), lm last modified (ms),
+to timeout (s), v version, a active (1/0), ci client_info JSON, sb state
+bytes, xb context bytes, s:<key> state entries, w workspace_context,
+wv its variable count, i inspector_state, ih its history length,
+so its selected object, o:<id> registry entries, rn registry size,
+e:<n> evaluation history entries, en newest entry number, eo oldest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+
+_PRELUDE = r"""
+local sid, chash = ARGV[4], ARGV[5]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Numbers handed to redis.call or stored in records go through here: Lua's
+-- default number formatting (%.14g) would round large integers.
+local function str(x)
+  if type(x) == 'number' then return string.format('%d', x) end
+  return x
+end
+
+local function split0(rec)
+  local out, pos = {}, 1
+  while true do
+    local s = string.find(rec, '\0', pos, true)
+    if not s then out[#out + 1] = string.sub(rec, pos); return out end
+    out[#out + 1] = string.sub(rec, pos, s - 1)
+    pos = s + 1
+  end
+end
+
+-- nil for a new request; else the reply that the first execution sent.
+local function replay_lookup()
+  if ARGV[2] == '' then return nil end
+  local rec = redis.call('GET', KEYS[5])
+  if not rec then return nil end
+  local parts = split0(rec)
+  if parts[1] ~= ARGV[2] then return {'REUSED'} end
+  parts[1] = 'OK'
+  return parts
+end
+
+-- Keep reply[2..n] for the replay window: a small record, never a state copy.
+local function replay_save(reply, n)
+  if ARGV[2] == '' then return end
+  local parts = {ARGV[2]}
+  for i = 2, n do parts[#parts + 1] = str(reply[i]) end
+  redis.call('SET', KEYS[5], table.concat(parts, '\0'), 'PX', ARGV[3])
+end
+
+-- The session's metadata, or nil when it is gone or another client's.
+local function load_meta()
+  local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb')
+  if not m[1] then return nil end
+  if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
+  return {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
+          v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]), xb = tonumber(m[8])}
+end
+
+local function entry_expiry(packed)
+  return tonumber(string.match(packed, '^(%d+)'))
+end
+
+local function index_put(m, exp, now)
+  redis.call('HSET', KEYS[2], sid, table.concat(
+    {str(exp), str(m.ca), str(m.lm), str(m.to), str(m.v), str(m.a)}, '|'))
+  local ttl = redis.call('PTTL', KEYS[2])
+  if ttl < 0 or now + ttl < exp then redis.call('PEXPIREAT', KEYS[2], str(exp)) end
+end
+
+-- Sliding expiry: the session and every index entry move to now + timeout.
+local function touch(m, now)
+  local exp = now + m.to * 1000
+  redis.call('PEXPIREAT', KEYS[1], str(exp))
+  redis.call('ZADD', KEYS[3], str(exp), sid)
+  redis.call('ZADD', KEYS[4], 'GT', str(exp), chash)
+  index_put(m, exp, now)
+  return exp
+end
+
+local function save_meta(m)
+  redis.call('HSET', KEYS[1], 'v', str(m.v), 'lm', str(m.lm), 'sb', str(m.sb), 'xb', str(m.xb))
+end
+
+-- After a session is gone: prune dead index entries and recompute the
+-- client's latest expiry, which decides whether it counts as active.
+local function client_refresh(now)
+  local entries = redis.call('HGETALL', KEYS[2])
+  local latest, live = 0, 0
+  for i = 1, #entries, 2 do
+    local exp = entry_expiry(entries[i + 1])
+    if exp <= now then
+      redis.call('HDEL', KEYS[2], entries[i])
+    else
+      live = live + 1
+      if exp > latest then latest = exp end
+    end
+  end
+  if latest > 0 then redis.call('ZADD', KEYS[4], str(latest), chash)
+  else redis.call('ZREM', KEYS[4], chash) end
+  return live
+end
+
+-- Field names of the session hash that start with prefix.
+local function prefixed(prefix)
+  local out, n = {}, #prefix
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(f, 1, n) == prefix then out[#out + 1] = f end
+  end
+  return out
+end
+
+-- unpack() has a stack limit: send long argument lists in chunks.
+local function chunked(cmd, key, items)
+  for s = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
+  end
+end
+
+local function append_fields(reply, want)
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if want(all[i]) then reply[#reply + 1] = all[i]; reply[#reply + 1] = all[i + 1] end
+  end
+  return reply
+end
+
+local function is_state(f) return string.sub(f, 1, 2) == 's:' end
+"""
+
+
+def _script(name: str, body: str) -> Script:
+    return Script(name, _PRELUDE + body)
+
+
+CREATE = _script("create", r"""
+-- create_session
+-- KEYS: common, KEYS[1] is the new session's hash.
+-- ARGV[1] client id (required here), ARGV[6] timeout (s), ARGV[7] client_info
+--   JSON or '', ARGV[8] max live sessions per client.
+-- Returns {'OK', session_id, created_ms, expires_ms} | {'LIMIT', live} | {'REUSED'}
+--   | {'COLLISION'}.
+local r = replay_lookup()
+if r then return r end
+local now = now_ms()
+-- Amortised pruning of the bucket indexes; counting never depends on it.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
+local entries = redis.call('HGETALL', KEYS[2])
+local live = 0
+for i = 1, #entries, 2 do
+  if entry_expiry(entries[i + 1]) <= now then redis.call('HDEL', KEYS[2], entries[i])
+  else live = live + 1 end
+end
+if live >= tonumber(ARGV[8]) then return {'LIMIT', live} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
+local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[6]), v = 1, a = 1, sb = 0, xb = 0}
+redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
+  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'rn', '0', 'en', '0', 'eo', '1')
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[7]) end
+local exp = touch(m, now)
+local reply = {'OK', sid, now, exp}
+replay_save(reply, 4)
+return reply
+""")
+
+RESTORE = _script("restore", r"""
+-- restore_session: reactivate, refresh, return everything.
+-- ARGV: common only.
+-- Returns {'OK', now_ms, expires_ms, field1, value1, ...} (the whole hash) | {'NOTFOUND'}.
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local now = now_ms()
+m.a = 1
+redis.call('HSET', KEYS[1], 'a', '1')
+local exp = touch(m, now)
+local reply = {'OK', now, exp}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all do reply[#reply + 1] = all[i] end
+return reply
+""")
+
+UPDATE = _script("update", r"""
+-- update_session_state: top-level merge (or replace) of the state.
+-- ARGV[6] expected version or '', ARGV[7] '1' to replace the whole state,
+--   ARGV[8] max state+context bytes, ARGV[9..] key, JSON value pairs ('' removes the key).
+-- Returns {'OK', version, last_modified_ms, 's:key', json, ...} (the state after
+--   the update) | {'NOTFOUND'} | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return append_fields(r, is_state) end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= m.v then return {'CONFLICT', m.v} end
+local replace = ARGV[7] == '1'
+local sb = m.sb
+local old = {}
+if replace then
+  sb = 0
+  old = prefixed('s:')
+end
+for i = 9, #ARGV, 2 do
+  if not replace then
+    local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
+    if n > 0 then sb = sb - #ARGV[i] - n end
+  end
+  if ARGV[i + 1] ~= '' then sb = sb + #ARGV[i] + #ARGV[i + 1] end
+end
+if sb + m.xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
+chunked('HDEL', KEYS[1], old)
+local sets, dels = {}, {}
+for i = 9, #ARGV, 2 do
+  if ARGV[i + 1] == '' then dels[#dels + 1] = 's:' .. ARGV[i]
+  else sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1] end
+end
+chunked('HDEL', KEYS[1], dels)
+chunked('HSET', KEYS[1], sets)
+local now = now_ms()
+m.v, m.lm, m.sb = m.v + 1, now, sb
+save_meta(m)
+touch(m, now)
+local reply = {'OK', m.v, now}
+replay_save(reply, 3)
+return append_fields(reply, is_state)
+""")
+
+CLOSE = _script("close", r"""
+-- close_session.
+-- ARGV[6] '1' to keep the session (inactive, restorable) until it expires.
+-- Returns {'OK', state_saved (1/0)} | {'NOTFOUND'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local now = now_ms()
+local saved = 0
+if ARGV[6] == '1' then
+  m.a = 0
+  redis.call('HSET', KEYS[1], 'a', '0')
+  index_put(m, now + redis.call('PTTL', KEYS[1]), now)
+  saved = 1
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], sid)
+  redis.call('ZREM', KEYS[3], sid)
+  client_refresh(now)
+end
+local reply = {'OK', saved}
+replay_save(reply, 2)
+return reply
+""")
+
+INFO = _script("info", r"""
+-- get_session_info (no refresh).
+-- ARGV: common only.
+-- Returns {'OK', client_id, created_ms, modified_ms, timeout, version, active,
+--   expires_ms, now_ms, client_info JSON | false} | {'NOTFOUND'}.
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local now = now_ms()
+return {'OK', m.c, m.ca, m.lm, m.to, m.v, m.a, now + redis.call('PTTL', KEYS[1]), now,
+  redis.call('HGET', KEYS[1], 'ci')}
+""")
+
+LIST = Script("list", r"""
+-- list_client_sessions (no refresh).
+-- KEYS[1] client index hash. ARGV: none.
+-- Returns {'OK', now_ms, session_id, 'expires|created|modified|timeout|version|active', ...}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {'OK', now}
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local exp = tonumber(string.match(entries[i + 1], '^(%d+)'))
+  if exp <= now then redis.call('HDEL', KEYS[1], entries[i])
+  else out[#out + 1] = entries[i]; out[#out + 1] = entries[i + 1] end
+end
+return out
+""")
+
+STATS = Script("stats", r"""
+-- get_session_statistics, one bucket: exact live counts, O(log n), no SCAN.
+-- KEYS[1] bucket expiry zset, KEYS[2] bucket clients zset. ARGV: none.
+-- Returns {live_sessions, active_clients}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bound = '(' .. string.format('%d', now)
+return {redis.call('ZCOUNT', KEYS[1], bound, '+inf'), redis.call('ZCOUNT', KEYS[2], bound, '+inf')}
+""")
+
+SAVE_CONTEXT = _script("save_context", r"""
+-- save_context: replace the parts of the context that the request names.
+-- ARGV[6] expected version or '', ARGV[7] max state+context bytes,
+--   ARGV[8] workspace_context JSON ('-' untouched, '' clear), ARGV[9] its variable count,
+--   ARGV[10] inspector_state JSON ('-' untouched, '' clear), ARGV[11] its history length,
+--   ARGV[12] its selected object JSON,
+--   then R (registry entry count, -1 untouched) and R pairs object id, entry JSON,
+--   then H (history entry count, -1 untouched) and H entry JSONs, oldest first.
+-- Returns {'OK', version, last_modified_ms, context_bytes} | {'NOTFOUND'}
+--   | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= m.v then return {'CONFLICT', m.v} end
+local xb = m.xb
+local w, ins = ARGV[8], ARGV[10]
+if w ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'w') + #w end
+if ins ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'i') + #ins end
+local pos = 13
+local nreg = tonumber(ARGV[pos])
+local reg_at = pos + 1
+local old_reg, old_hist = {}, {}
+if nreg >= 0 then
+  old_reg = prefixed('o:')
+  for _, f in ipairs(old_reg) do xb = xb - (#f - 2) - redis.call('HSTRLEN', KEYS[1], f) end
+  for k = 0, nreg - 1 do xb = xb + #ARGV[reg_at + 2 * k] + #ARGV[reg_at + 2 * k + 1] end
+  pos = reg_at + 2 * nreg
+else
+  pos = reg_at
+end
+local nhist = tonumber(ARGV[pos])
+local hist_at = pos + 1
+if nhist >= 0 then
+  old_hist = prefixed('e:')
+  for _, f in ipairs(old_hist) do xb = xb - redis.call('HSTRLEN', KEYS[1], f) end
+  for k = 0, nhist - 1 do xb = xb + #ARGV[hist_at + k] end
+end
+if m.sb + xb > tonumber(ARGV[7]) then return {'TOOLARGE'} end
+if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
+elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[9]) end
+if ins == '' then redis.call('HDEL', KEYS[1], 'i', 'ih', 'so')
+elseif ins ~= '-' then redis.call('HSET', KEYS[1], 'i', ins, 'ih', ARGV[11], 'so', ARGV[12]) end
+if nreg >= 0 then
+  chunked('HDEL', KEYS[1], old_reg)
+  local sets = {}
+  for k = 0, nreg - 1 do
+    sets[#sets + 1] = 'o:' .. ARGV[reg_at + 2 * k]
+    sets[#sets + 1] = ARGV[reg_at + 2 * k + 1]
+  end
+  chunked('HSET', KEYS[1], sets)
+  redis.call('HSET', KEYS[1], 'rn', str(nreg))
+end
+if nhist >= 0 then
+  chunked('HDEL', KEYS[1], old_hist)
+  local en = tonumber(redis.call('HGET', KEYS[1], 'en')) or 0
+  local eo = en + 1
+  local sets = {}
+  for k = 0, nhist - 1 do
+    en = en + 1
+    sets[#sets + 1] = 'e:' .. str(en)
+    sets[#sets + 1] = ARGV[hist_at + k]
+  end
+  chunked('HSET', KEYS[1], sets)
+  redis.call('HSET', KEYS[1], 'en', str(en), 'eo', str(eo))
+end
+local now = now_ms()
+m.v, m.lm, m.xb = m.v + 1, now, xb
+save_meta(m)
+touch(m, now)
+local reply = {'OK', m.v, now, xb}
+replay_save(reply, 4)
+return reply
+""")
+
+LOAD_CONTEXT = _script("load_context", r"""
+-- load_context (refreshes).
+-- ARGV: common only.
+-- Returns {'OK', field, value, ...} for the fields w, i, o:<id> and e:<n> | {'NOTFOUND'}.
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+touch(m, now_ms())
+return append_fields({'OK'}, function(f)
+  local p = string.sub(f, 1, 2)
+  return f == 'w' or f == 'i' or p == 'o:' or p == 'e:'
+end)
+""")
+
+SUMMARY = _script("summary", r"""
+-- get_context_summary (no refresh).
+-- ARGV: common only.
+-- Returns {'OK', variable_count, inspector_history_length, selected_object JSON|false,
+--   registry_size, newest entry number, oldest entry number, context_bytes,
+--   last_modified_ms} | {'NOTFOUND'}.
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local s = redis.call('HMGET', KEYS[1], 'wv', 'ih', 'so', 'rn', 'en', 'eo')
+return {'OK', tonumber(s[1]) or 0, tonumber(s[2]) or 0, s[3], tonumber(s[4]) or 0,
+  tonumber(s[5]) or 0, tonumber(s[6]) or 1, m.xb, m.lm}
+""")
+
+CLEAR_CONTEXT = _script("clear_context", r"""
+-- clear_context.
+-- ARGV[6] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
+-- Returns {'OK', version} | {'NOTFOUND'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local parts = ARGV[6]
+local xb = m.xb
+local del = {}
+local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
+if has('w') then
+  xb = xb - redis.call('HSTRLEN', KEYS[1], 'w'); del[#del + 1] = 'w'; del[#del + 1] = 'wv'
+end
+if has('i') then
+  xb = xb - redis.call('HSTRLEN', KEYS[1], 'i')
+  del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so'
+end
+if has('o') then
+  for _, f in ipairs(prefixed('o:')) do
+    xb = xb - (#f - 2) - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
+  end
+  redis.call('HSET', KEYS[1], 'rn', '0')
+end
+if has('e') then
+  for _, f in ipairs(prefixed('e:')) do
+    xb = xb - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
+  end
+  local en = tonumber(redis.call('HGET', KEYS[1], 'en')) or 0
+  redis.call('HSET', KEYS[1], 'eo', str(en + 1))
+end
+chunked('HDEL', KEYS[1], del)
+local now = now_ms()
+m.v, m.lm, m.xb = m.v + 1, now, xb
+save_meta(m)
+touch(m, now)
+local reply = {'OK', m.v}
+replay_save(reply, 2)
+return reply
+""")
+
+RECORD_EVALUATION = _script("record_evaluation", r"""
+-- record_evaluation: append to the history, keeping the newest entries.
+-- ARGV[6] entry JSON, ARGV[7] history limit, ARGV[8] max state+context bytes.
+-- Returns {'OK', evaluation_count, version} | {'NOTFOUND'} | {'TOOLARGE'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local h = redis.call('HMGET', KEYS[1], 'en', 'eo')
+local en, eo = (tonumber(h[1]) or 0) + 1, tonumber(h[2]) or 1
+local limit = tonumber(ARGV[7])
+local xb = m.xb + #ARGV[6]
+local evict = {}
+while en - eo + 1 > limit do
+  local f = 'e:' .. str(eo)
+  xb = xb - redis.call('HSTRLEN', KEYS[1], f)
+  evict[#evict + 1] = f
+  eo = eo + 1
+end
+if m.sb + xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[6], 'en', str(en), 'eo', str(eo))
+chunked('HDEL', KEYS[1], evict)
+local now = now_ms()
+m.v, m.lm, m.xb = m.v + 1, now, xb
+save_meta(m)
+touch(m, now)
+local reply = {'OK', en - eo + 1, m.v}
+replay_save(reply, 3)
+return reply
+""")
+
+REGISTER_OBJECT = _script("register_object", r"""
+-- register_object: add or replace one registry entry.
+-- ARGV[6] object id, ARGV[7] entry JSON, ARGV[8] registry cap, ARGV[9] max state+context bytes.
+-- Returns {'OK', registry_size, version} | {'NOTFOUND'} | {'FULL', size} | {'TOOLARGE'}
+--   | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local f = 'o:' .. ARGV[6]
+local old = redis.call('HSTRLEN', KEYS[1], f)
+local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
+if old == 0 and rn >= tonumber(ARGV[8]) then return {'FULL', rn} end
+local xb = m.xb + #ARGV[7]
+if old == 0 then xb = xb + #ARGV[6]; rn = rn + 1 else xb = xb - old end
+if m.sb + xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], f, ARGV[7], 'rn', str(rn))
+local now = now_ms()
+m.v, m.lm, m.xb = m.v + 1, now, xb
+save_meta(m)
+touch(m, now)
+local reply = {'OK', rn, m.v}
+replay_save(reply, 3)
+return reply
+""")
+
+RELEASE_OBJECT = _script("release_object", r"""
+-- release_object: drop one registry entry (refreshes even when there was none).
+-- ARGV[6] object id.
+-- Returns {'OK', released (1/0), registry_size, version} | {'NOTFOUND'} | {'REUSED'}.
+local r = replay_lookup()
+if r then return r end
+local m = load_meta()
+if not m then return {'NOTFOUND'} end
+local f = 'o:' .. ARGV[6]
+local old = redis.call('HSTRLEN', KEYS[1], f)
+local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
+local now = now_ms()
+local released = 0
+if old > 0 then
+  released = 1
+  rn = rn - 1
+  redis.call('HDEL', KEYS[1], f)
+  redis.call('HSET', KEYS[1], 'rn', str(rn))
+  m.v, m.lm, m.xb = m.v + 1, now, m.xb - #ARGV[6] - old
+  save_meta(m)
+end
+touch(m, now)
+local reply = {'OK', released, rn, m.v}
+replay_save(reply, 4)
+return reply
+""")
+
+ALL_SCRIPTS: tuple[Script, ...] = (
+    CREATE,
+    RESTORE,
+    UPDATE,
+    CLOSE,
+    INFO,
+    LIST,
+    STATS,
+    SAVE_CONTEXT,
+    LOAD_CONTEXT,
+    SUMMARY,
+    CLEAR_CONTEXT,
+    RECORD_EVALUATION,
+    REGISTER_OBJECT,
+    RELEASE_OBJECT,
+)

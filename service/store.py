@@ -1,0 +1,95 @@
+"""The one class that talks to Redis for the request path.
+
+It sends a batch of script calls as one pipeline (one network round trip, one
+EVALSHA per protocol request), reloads scripts when Redis has lost them
+(restart, failover: NOSCRIPT), and turns connection failures into
+StorageUnavailable within a bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from service.errors import StorageUnavailable
+from service.scripts import ALL_SCRIPTS, Script
+
+log = logging.getLogger(__name__)
+
+Arg = str | bytes | int
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[Arg]
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    """A client that fails fast: no hidden retries (a retried pipeline could
+    outlive the caller's deadline), connect and read bounded by `timeout`."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+class Store:
+    # After a failure, answer StorageUnavailable at once for this long instead
+    # of letting every queued batch wait out its own timeout.
+    HOLD_AFTER_FAILURE = 0.5
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._down_until = 0.0
+
+    def run(self, calls: Sequence[Call]) -> list[Any]:
+        """Results in call order; a per-call Redis error is returned in place
+        (as an exception object), a connection failure raises StorageUnavailable."""
+        if time.monotonic() < self._down_until:
+            raise StorageUnavailable()
+        try:
+            results = self._pipeline(calls)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                self.load_scripts()
+                again = self._pipeline([calls[i] for i in missing])
+                for i, r in zip(missing, again, strict=True):
+                    results[i] = r
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._down_until = time.monotonic() + self.HOLD_AFTER_FAILURE
+            log.warning("redis unavailable: %s", type(exc).__name__)
+            raise StorageUnavailable() from None
+        return results
+
+    def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(pipe.execute(raise_on_error=False))
+
+    def load_scripts(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for script in ALL_SCRIPTS:
+            pipe.execute_command("SCRIPT", "LOAD", script.source)
+        pipe.execute()
+        log.info("loaded %d scripts", len(ALL_SCRIPTS))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except (RedisError, OSError):
+            return False

@@ -1,0 +1,148 @@
+"""The `stui-sessions` command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from service import codec
+from service.settings import Settings
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Environment (STUI_*) first, then the flags that were given."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    overrides.update(extra)
+    return Settings(**overrides)
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from workers.front import FrontWorker
+    from workers.multiproc import WorkerPool
+    from workers.runtime import build_dispatcher, configure_logging
+
+    configure_logging()
+    settings = _settings(args)
+    if settings.workers > 1:
+        WorkerPool(settings, settings.bind, settings.workers).run()
+        return 0
+    worker = FrontWorker(settings, build_dispatcher(settings), settings.bind)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+@contextlib.contextmanager
+def _redis_for(settings: Settings) -> Iterator[str]:
+    """The configured Redis, or an embedded one persisting under data_dir."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    from workers.embedded_redis import EmbeddedRedis
+
+    port_file = settings.data_dir / "redis.port"
+    server = EmbeddedRedis(data_dir=settings.data_dir / "redis")
+    with server:
+        port_file.write_text(str(server.port))
+        print(f"embedded redis-server on {server.url}, data in {settings.data_dir / 'redis'}",
+              file=sys.stderr)
+        yield server.url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workers.front import FrontWorker
+    from workers.multiproc import WorkerPool
+    from workers.runtime import build_dispatcher, configure_logging
+
+    configure_logging()
+    settings = _settings(args)
+    with _redis_for(settings) as url:
+        settings = settings.model_copy(update={"redis_url": url})
+        print(f"stui-sessions serving on {settings.bind}", file=sys.stderr)
+        if settings.workers > 1:
+            WorkerPool(settings, settings.bind, settings.workers).run()
+        else:
+            worker = FrontWorker(settings, build_dispatcher(settings), settings.bind)
+            worker.install_signal_handlers()
+            worker.run()
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    """key=value: the value is JSON when it parses as JSON, else a string."""
+    try:
+        return codec.loads(text.encode("utf-8"))
+    except codec.JSONError:
+        return text
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from workers.client import Client, NoReply
+
+    params: dict[str, Any] = {}
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"parameters are key=value, got {item!r}", file=sys.stderr)
+            return 2
+        params[key] = _parse_value(value)
+    with Client(args.endpoint, timeout=args.timeout, retries=args.retries,
+                encoding=args.encoding) as client:
+        try:
+            reply = client.request(args.command_name, params)
+        except NoReply as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+    print(json.dumps(reply, indent=2, ensure_ascii=False))
+    return 1 if Client.error_code(reply) else 0
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
+    p.add_argument("--bind", help="ZeroMQ endpoint to bind (STUI_BIND), default tcp://0.0.0.0:5555")
+    p.add_argument("--workers", type=int, help="front worker processes (STUI_WORKERS)")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float,
+                   help="seconds to answer in-flight requests after SIGTERM")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stui-sessions", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    front = sub.add_parser("front", help="run front workers against a Redis")
+    _add_settings_flags(front)
+    front.set_defaults(func=cmd_front)
+
+    serve = sub.add_parser("serve", help="one-command local run (embedded Redis if none is set)")
+    _add_settings_flags(serve)
+    serve.add_argument("--data-dir", dest="data_dir", type=Path,
+                       help="where the embedded Redis keeps its files (STUI_DATA_DIR)")
+    serve.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser("call", help="send one request and print the JSON reply")
+    call.add_argument("command_name", metavar="COMMAND")
+    call.add_argument("params", nargs="*", metavar="key=value",
+                      help="a parameter; the value is read as JSON when it parses, else a string")
+    call.add_argument("--endpoint", action="append", default=None,
+                      help="server endpoint (repeat for failover), default tcp://127.0.0.1:5555")
+    call.add_argument("--timeout", type=float, default=5.0)
+    call.add_argument("--retries", type=int, default=2)
+    call.add_argument("--encoding", choices=["command", "envelope"], default="command")
+    call.set_defaults(func=cmd_call)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "endpoint", "") is None:
+        args.endpoint = ["tcp://127.0.0.1:5555"]
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ZeroMQ front worker: a ROUTER socket in front of the dispatcher.
+
+One thread, one loop: wait for a message, take every message already queued
+(up to batch_max), answer them all from one Redis pipeline, repeat. Requests
+that arrive while a batch is at Redis form the next batch, so many requests
+in flight cost few round trips.
+
+Frames: a ROUTER prepends the peer's routing id. REQ clients and well-behaved
+DEALER clients send an empty delimiter frame, then the body; a DEALER that
+sends the body alone is answered the same way. Anything but exactly one body
+frame after the envelope is an InvalidRequest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import zmq
+
+from service.dispatch import Dispatcher
+from service.errors import InvalidRequest
+from service.protocol import ReplyTo, encode_error
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_EXTRA_FRAMES = encode_error(
+    ReplyTo(), InvalidRequest("a request is exactly one frame after the envelope", field=None)
+)
+
+
+class FrontWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        endpoint: str,
+        *,
+        connect: bool = False,
+        routing_frames: int = 1,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        """connect/routing_frames: behind the multi-process proxy the worker
+        connects to it, and each message carries the proxy's routing id too."""
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.endpoint = endpoint
+        self.connect = connect
+        self.routing_frames = routing_frames
+        self.context = context or zmq.Context.instance()
+        self.stopping = False
+        self.served = 0
+        self._drain_deadline = 0.0
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def open_socket(self) -> zmq.Socket[bytes]:
+        sock = self.context.socket(zmq.ROUTER)
+        # libzmq drops a peer whose message exceeds this; below it and above
+        # max_request_bytes the request is answered with PayloadTooLarge.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.transport_max_bytes)
+        sock.setsockopt(zmq.LINGER, int(self.settings.shutdown_grace * 1000))
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.connect:
+            sock.connect(self.endpoint)
+        else:
+            sock.bind(self.endpoint)
+        return sock
+
+    def run(self, sock: zmq.Socket[bytes] | None = None) -> None:
+        sock = sock or self.open_socket()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        log.info("front worker serving on %s", self.endpoint)
+        try:
+            while not self.stopping:
+                if poller.poll(100):
+                    self.serve_available(sock)
+            self.drain(sock)
+        finally:
+            remaining = max(0.0, self._drain_deadline - time.monotonic())
+            sock.close(linger=int(remaining * 1000))
+            log.info("front worker stopped after %d requests", self.served)
+
+    def drain(self, sock: zmq.Socket[bytes]) -> None:
+        """After a stop request: answer what has already arrived, within the grace period."""
+        self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
+        quiet_since = time.monotonic()
+        while time.monotonic() < self._drain_deadline:
+            if sock.poll(20, zmq.POLLIN):
+                self.serve_available(sock)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.2:
+                break
+
+    def serve_available(self, sock: zmq.Socket[bytes]) -> None:
+        envelopes: list[list[bytes]] = []
+        bodies: list[bytes] = []
+        bad: list[list[bytes]] = []
+        for _ in range(self.settings.batch_max):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            envelope, body = self._split(frames)
+            if body is None:
+                bad.append(envelope)
+            else:
+                envelopes.append(envelope)
+                bodies.append(body)
+        for envelope in bad:
+            self._send(sock, envelope, _EXTRA_FRAMES)
+        if bodies:
+            for envelope, reply in zip(envelopes, self.dispatcher.handle(bodies), strict=True):
+                self._send(sock, envelope, reply)
+        self.served += len(bodies) + len(bad)
+
+    def _split(self, frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
+        """(reply envelope, body); body is None when the frames are malformed."""
+        k = self.routing_frames
+        rest = frames[k:]
+        if rest and rest[0] == b"":
+            envelope, rest = frames[: k + 1], rest[1:]
+        else:
+            envelope = frames[:k]
+        if len(rest) == 1:
+            return envelope, rest[0]
+        return envelope, None
+
+    @staticmethod
+    def _send(sock: zmq.Socket[bytes], envelope: list[bytes], reply: bytes) -> None:
+        try:
+            sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # The peer is gone or not reading: its reply is dropped, others go on.
+            log.debug("reply dropped: %s", exc)

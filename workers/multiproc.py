@@ -1,0 +1,124 @@
+"""N front worker processes behind one endpoint.
+
+The parent binds the public ROUTER and forwards to a DEALER on a private IPC
+endpoint, which spreads requests over the workers; each worker is the same
+FrontWorker, connected instead of bound. On SIGTERM the parent stops taking
+new requests, tells the workers to drain, keeps relaying their replies, and
+exits once they have all gone (or the grace period is over).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
+    from workers.runtime import build_dispatcher, configure_logging
+    from workers.front import FrontWorker
+
+    configure_logging()
+    settings = Settings(**settings_data)
+    worker = FrontWorker(settings, build_dispatcher(settings), backend,
+                         connect=True, routing_frames=2)
+    worker.install_signal_handlers()
+    worker.run()
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, endpoint: str, count: int) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.count = count
+        self.stopping = False
+        self._dir = tempfile.mkdtemp(prefix="stui-front-")
+        self.backend = f"ipc://{Path(self._dir) / 'backend.sock'}"
+        self._mp = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+
+    def _spawn(self) -> BaseProcess:
+        proc = self._mp.Process(
+            target=_worker_main,
+            args=(self.settings.model_dump(mode="json"), self.backend),
+            daemon=False,
+        )
+        proc.start()
+        return proc
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        front = ctx.socket(zmq.ROUTER)
+        front.setsockopt(zmq.MAXMSGSIZE, self.settings.transport_max_bytes)
+        front.setsockopt(zmq.RCVHWM, 10_000)
+        front.setsockopt(zmq.SNDHWM, 10_000)
+        front.bind(self.endpoint)
+        back = ctx.socket(zmq.DEALER)
+        back.setsockopt(zmq.RCVHWM, 10_000)
+        back.setsockopt(zmq.SNDHWM, 10_000)
+        back.bind(self.backend)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.procs = [self._spawn() for _ in range(self.count)]
+        log.info("%d front workers serving on %s", self.count, self.endpoint)
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        try:
+            while not self.stopping:
+                for sock, _ in poller.poll(100):
+                    self._relay(sock, back if sock is front else front)
+                self._replace_dead()
+            # Stop taking requests; keep relaying replies while workers drain.
+            poller.unregister(front)
+            for proc in self.procs:
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.settings.shutdown_grace + 1
+            while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
+                if poller.poll(50):
+                    self._relay(back, front)
+            while back.poll(0):
+                self._relay(back, front)
+        finally:
+            for proc in self.procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(1)
+            front.close(linger=1000)
+            back.close(linger=0)
+            ctx.term()
+
+    @staticmethod
+    def _relay(src: zmq.Socket[bytes], dst: zmq.Socket[bytes]) -> None:
+        for _ in range(1000):
+            try:
+                frames = src.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                dst.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("relay dropped a message: %s", exc)
+
+    def _replace_dead(self) -> None:
+        for n, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                log.error("front worker %s exited with %s; starting another", proc.pid, proc.exitcode)
+                proc.join(0)
+                self.procs[n] = self._spawn()

@@ -1,0 +1,24 @@
+"""Wiring shared by every process: logging, and the dispatcher over Redis."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from service.dispatch import Dispatcher
+from service.settings import Settings
+from service.store import Store, connect
+
+
+def configure_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=level or os.environ.get("STUI_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+    )
+
+
+def build_dispatcher(settings: Settings) -> Dispatcher:
+    if not settings.redis_url:
+        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
+    store = Store(connect(settings.redis_url, settings.storage_timeout))
+    return Dispatcher(settings, store)
