@@ -64,9 +64,9 @@ def dumps(value: Any) -> bytes:
     except TypeError:
         pass  # wide integers or deep nesting: the standard library handles both
     try:
-        return json.dumps(
-            value, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
     except (RecursionError, ValueError, TypeError, UnicodeError) as exc:
         raise JSONError(f"value cannot be written as JSON: {exc}") from None
 

@@ -19,7 +19,9 @@ ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Timeout = Annotated[int, Field(ge=1, le=2_592_000)]
 Version = Annotated[int, Field(ge=0, le=2**53)]
 JSONObject = dict[str, Any]
-ContextPart = Literal["workspace_context", "inspector_state", "object_registry", "evaluation_history"]
+ContextPart = Literal[
+    "workspace_context", "inspector_state", "object_registry", "evaluation_history"
+]
 CONTEXT_PARTS: tuple[ContextPart, ...] = (
     "workspace_context",
     "inspector_state",
@@ -34,17 +36,13 @@ class _Strict(BaseModel):
 
 # --- the two encodings -------------------------------------------------------
 
-RequestId = Annotated[str, StringConstraints(max_length=256)] | Annotated[
-    int, Field(ge=-(2**63), le=2**63 - 1)
-] | None
-
 
 class CommandRequest(BaseModel):
     """{"id", "command", "parameters", "client_id"?}: STUI's Pharo form."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    id: RequestId = None
+    id: Any = None  # checked by protocol.request_id: a union here would blur error fields
     command: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     parameters: JSONObject = Field(default_factory=dict)
     client_id: Any = None
@@ -69,7 +67,7 @@ class EnvelopeRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    id: RequestId = None
+    id: Any = None  # checked by protocol.request_id: a union here would blur error fields
     version: Annotated[str, StringConstraints(min_length=1, max_length=32)]
     timestamp: Any = None
     payload: EnvelopePayload

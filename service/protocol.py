@@ -21,6 +21,7 @@ from service.models import CommandRequest, EnvelopeRequest
 Encoding = Literal["command", "envelope"]
 PROTOCOL_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ["1.x"]
+MAX_ID_LENGTH = 256
 
 
 @dataclass(slots=True)
@@ -76,14 +77,17 @@ def validate(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
         raise first_error(exc, prefix) from None
 
 
-def _salvage_id(obj: dict[str, Any]) -> str | int | None:
-    """The request's id if it is usable in a reply, else None."""
+def request_id(obj: dict[str, Any]) -> str | int | None:
+    """The request's id: a string of at most 256 characters, a 64-bit integer,
+    or null. Anything else is refused (and the reply's id is then null)."""
     value = obj.get("id")
-    if isinstance(value, str) and len(value) <= 256:
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_ID_LENGTH:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
         return value
-    return None
+    raise InvalidRequest("id must be a string of at most 256 characters or an integer", field="id")
 
 
 def decode(body: bytes, max_bytes: int) -> Request:
@@ -97,7 +101,10 @@ def decode(body: bytes, max_bytes: int) -> Request:
         raise DecodeError(InvalidRequest(f"not valid JSON: {exc}"[:300]), reply_to) from None
     if not isinstance(obj, dict):
         raise DecodeError(InvalidRequest("a request must be a JSON object"), reply_to)
-    reply_to.id = _salvage_id(obj)
+    try:
+        reply_to.id = request_id(obj)
+    except StuiError as exc:
+        raise DecodeError(exc, ReplyTo("envelope" if "payload" in obj else "command")) from None
     if "payload" in obj:
         reply_to.encoding = "envelope"
         try:

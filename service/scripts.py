@@ -174,7 +174,9 @@ def _script(name: str, body: str) -> Script:
     return Script(name, _PRELUDE + body)
 
 
-CREATE = _script("create", r"""
+CREATE = _script(
+    "create",
+    r"""
 -- create_session
 -- KEYS: common, KEYS[1] is the new session's hash.
 -- ARGV[1] client id (required here), ARGV[6] timeout (s), ARGV[7] client_info
@@ -203,9 +205,12 @@ local exp = touch(m, now)
 local reply = {'OK', sid, now, exp}
 replay_save(reply, 4)
 return reply
-""")
+""",
+)
 
-RESTORE = _script("restore", r"""
+RESTORE = _script(
+    "restore",
+    r"""
 -- restore_session: reactivate, refresh, return everything.
 -- ARGV: common only.
 -- Returns {'OK', now_ms, expires_ms, field1, value1, ...} (the whole hash) | {'NOTFOUND'}.
@@ -219,9 +224,12 @@ local reply = {'OK', now, exp}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all do reply[#reply + 1] = all[i] end
 return reply
-""")
+""",
+)
 
-UPDATE = _script("update", r"""
+UPDATE = _script(
+    "update",
+    r"""
 -- update_session_state: top-level merge (or replace) of the state.
 -- ARGV[6] expected version or '', ARGV[7] '1' to replace the whole state,
 --   ARGV[8] max state+context bytes, ARGV[9..] key, JSON value pairs ('' removes the key).
@@ -262,9 +270,12 @@ touch(m, now)
 local reply = {'OK', m.v, now}
 replay_save(reply, 3)
 return append_fields(reply, is_state)
-""")
+""",
+)
 
-CLOSE = _script("close", r"""
+CLOSE = _script(
+    "close",
+    r"""
 -- close_session.
 -- ARGV[6] '1' to keep the session (inactive, restorable) until it expires.
 -- Returns {'OK', state_saved (1/0)} | {'NOTFOUND'} | {'REUSED'}.
@@ -288,9 +299,12 @@ end
 local reply = {'OK', saved}
 replay_save(reply, 2)
 return reply
-""")
+""",
+)
 
-INFO = _script("info", r"""
+INFO = _script(
+    "info",
+    r"""
 -- get_session_info (no refresh).
 -- ARGV: common only.
 -- Returns {'OK', client_id, created_ms, modified_ms, timeout, version, active,
@@ -300,9 +314,12 @@ if not m then return {'NOTFOUND'} end
 local now = now_ms()
 return {'OK', m.c, m.ca, m.lm, m.to, m.v, m.a, now + redis.call('PTTL', KEYS[1]), now,
   redis.call('HGET', KEYS[1], 'ci')}
-""")
+""",
+)
 
-LIST = Script("list", r"""
+LIST = Script(
+    "list",
+    r"""
 -- list_client_sessions (no refresh).
 -- KEYS[1] client index hash. ARGV: none.
 -- Returns {'OK', now_ms, session_id, 'expires|created|modified|timeout|version|active', ...}.
@@ -316,9 +333,12 @@ for i = 1, #entries, 2 do
   else out[#out + 1] = entries[i]; out[#out + 1] = entries[i + 1] end
 end
 return out
-""")
+""",
+)
 
-STATS = Script("stats", r"""
+STATS = Script(
+    "stats",
+    r"""
 -- get_session_statistics, one bucket: exact live counts, O(log n), no SCAN.
 -- KEYS[1] bucket expiry zset, KEYS[2] bucket clients zset. ARGV: none.
 -- Returns {live_sessions, active_clients}.
@@ -326,9 +346,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bound = '(' .. string.format('%d', now)
 return {redis.call('ZCOUNT', KEYS[1], bound, '+inf'), redis.call('ZCOUNT', KEYS[2], bound, '+inf')}
-""")
+""",
+)
 
-SAVE_CONTEXT = _script("save_context", r"""
+SAVE_CONTEXT = _script(
+    "save_context",
+    r"""
 -- save_context: replace the parts of the context that the request names.
 -- ARGV[6] expected version or '', ARGV[7] max state+context bytes,
 --   ARGV[8] workspace_context JSON ('-' untouched, '' clear), ARGV[9] its variable count,
@@ -401,9 +424,12 @@ touch(m, now)
 local reply = {'OK', m.v, now, xb}
 replay_save(reply, 4)
 return reply
-""")
+""",
+)
 
-LOAD_CONTEXT = _script("load_context", r"""
+LOAD_CONTEXT = _script(
+    "load_context",
+    r"""
 -- load_context (refreshes).
 -- ARGV: common only.
 -- Returns {'OK', field, value, ...} for the fields w, i, o:<id> and e:<n> | {'NOTFOUND'}.
@@ -414,9 +440,12 @@ return append_fields({'OK'}, function(f)
   local p = string.sub(f, 1, 2)
   return f == 'w' or f == 'i' or p == 'o:' or p == 'e:'
 end)
-""")
+""",
+)
 
-SUMMARY = _script("summary", r"""
+SUMMARY = _script(
+    "summary",
+    r"""
 -- get_context_summary (no refresh).
 -- ARGV: common only.
 -- Returns {'OK', variable_count, inspector_history_length, selected_object JSON|false,
@@ -427,9 +456,12 @@ if not m then return {'NOTFOUND'} end
 local s = redis.call('HMGET', KEYS[1], 'wv', 'ih', 'so', 'rn', 'en', 'eo')
 return {'OK', tonumber(s[1]) or 0, tonumber(s[2]) or 0, s[3], tonumber(s[4]) or 0,
   tonumber(s[5]) or 0, tonumber(s[6]) or 1, m.xb, m.lm}
-""")
+""",
+)
 
-CLEAR_CONTEXT = _script("clear_context", r"""
+CLEAR_CONTEXT = _script(
+    "clear_context",
+    r"""
 -- clear_context.
 -- ARGV[6] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
 -- Returns {'OK', version} | {'NOTFOUND'} | {'REUSED'}.
@@ -469,9 +501,12 @@ touch(m, now)
 local reply = {'OK', m.v}
 replay_save(reply, 2)
 return reply
-""")
+""",
+)
 
-RECORD_EVALUATION = _script("record_evaluation", r"""
+RECORD_EVALUATION = _script(
+    "record_evaluation",
+    r"""
 -- record_evaluation: append to the history, keeping the newest entries.
 -- ARGV[6] entry JSON, ARGV[7] history limit, ARGV[8] max state+context bytes.
 -- Returns {'OK', evaluation_count, version} | {'NOTFOUND'} | {'TOOLARGE'} | {'REUSED'}.
@@ -500,9 +535,12 @@ touch(m, now)
 local reply = {'OK', en - eo + 1, m.v}
 replay_save(reply, 3)
 return reply
-""")
+""",
+)
 
-REGISTER_OBJECT = _script("register_object", r"""
+REGISTER_OBJECT = _script(
+    "register_object",
+    r"""
 -- register_object: add or replace one registry entry.
 -- ARGV[6] object id, ARGV[7] entry JSON, ARGV[8] registry cap, ARGV[9] max state+context bytes.
 -- Returns {'OK', registry_size, version} | {'NOTFOUND'} | {'FULL', size} | {'TOOLARGE'}
@@ -526,9 +564,12 @@ touch(m, now)
 local reply = {'OK', rn, m.v}
 replay_save(reply, 3)
 return reply
-""")
+""",
+)
 
-RELEASE_OBJECT = _script("release_object", r"""
+RELEASE_OBJECT = _script(
+    "release_object",
+    r"""
 -- release_object: drop one registry entry (refreshes even when there was none).
 -- ARGV[6] object id.
 -- Returns {'OK', released (1/0), registry_size, version} | {'NOTFOUND'} | {'REUSED'}.
@@ -553,7 +594,8 @@ touch(m, now)
 local reply = {'OK', released, rn, m.v}
 replay_save(reply, 4)
 return reply
-""")
+""",
+)
 
 ALL_SCRIPTS: tuple[Script, ...] = (
     CREATE,

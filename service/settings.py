@@ -32,7 +32,6 @@ class Settings(BaseSettings):
     max_registry_size: int = Field(default=1000, ge=1)
     max_request_bytes: int = Field(default=10 * MIB, ge=1024)
     replay_window: int = Field(default=120, ge=1)
-    max_id_length: int = 256
 
     # Runtime behaviour.
     storage_timeout: float = Field(default=2.0, gt=0)

@@ -78,13 +78,15 @@ class Store:
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
+            )
         return list(pipe.execute(raise_on_error=False))
 
     def load_scripts(self) -> None:
         pipe = self.client.pipeline(transaction=False)
         for script in ALL_SCRIPTS:
-            pipe.execute_command("SCRIPT", "LOAD", script.source)
+            pipe.execute_command("SCRIPT", "LOAD", script.source)  # type: ignore[no-untyped-call]
         pipe.execute()
         log.info("loaded %d scripts", len(ALL_SCRIPTS))
 

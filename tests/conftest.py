@@ -60,8 +60,13 @@ def fake_dispatcher() -> Callable[..., Dispatcher]:
 class FrontProcess:
     """`stui-sessions front` as a child process, as an operator would run it."""
 
-    def __init__(self, redis_url: str, env: dict[str, str] | None = None, workers: int = 1,
-                 port: int | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.redis_url = redis_url
@@ -71,8 +76,18 @@ class FrontProcess:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"stui-front-{self.port}.log"
 
     def start(self) -> FrontProcess:
-        cmd = [sys.executable, "-m", "workers.cli", "front", "--redis-url", self.redis_url,
-               "--bind", self.endpoint, "--workers", str(self.workers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "front",
+            "--redis-url",
+            self.redis_url,
+            "--bind",
+            self.endpoint,
+            "--workers",
+            str(self.workers),
+        ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_ready()
@@ -110,8 +125,9 @@ class FrontProcess:
 def start_front(redis_server: EmbeddedRedis) -> Iterator[Callable[..., FrontProcess]]:
     started: list[FrontProcess] = []
 
-    def start(env: dict[str, str] | None = None, workers: int = 1,
-              redis_url: str | None = None) -> FrontProcess:
+    def start(
+        env: dict[str, str] | None = None, workers: int = 1, redis_url: str | None = None
+    ) -> FrontProcess:
         front = FrontProcess(redis_url or redis_server.url, env=env, workers=workers).start()
         started.append(front)
         return front

@@ -16,7 +16,9 @@ from service.settings import Settings
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     """Environment (STUI_*) first, then the flags that were given."""
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields
+    }
     overrides.update(extra)
     return Settings(**overrides)
 
@@ -49,8 +51,10 @@ def _redis_for(settings: Settings) -> Iterator[str]:
     server = EmbeddedRedis(data_dir=settings.data_dir / "redis")
     with server:
         port_file.write_text(str(server.port))
-        print(f"embedded redis-server on {server.url}, data in {settings.data_dir / 'redis'}",
-              file=sys.stderr)
+        print(
+            f"embedded redis-server on {server.url}, data in {settings.data_dir / 'redis'}",
+            file=sys.stderr,
+        )
         yield server.url
 
 
@@ -91,8 +95,9 @@ def cmd_call(args: argparse.Namespace) -> int:
             print(f"parameters are key=value, got {item!r}", file=sys.stderr)
             return 2
         params[key] = _parse_value(value)
-    with Client(args.endpoint, timeout=args.timeout, retries=args.retries,
-                encoding=args.encoding) as client:
+    with Client(
+        args.endpoint, timeout=args.timeout, retries=args.retries, encoding=args.encoding
+    ) as client:
         try:
             reply = client.request(args.command_name, params)
         except NoReply as exc:
@@ -106,8 +111,12 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
     p.add_argument("--bind", help="ZeroMQ endpoint to bind (STUI_BIND), default tcp://0.0.0.0:5555")
     p.add_argument("--workers", type=int, help="front worker processes (STUI_WORKERS)")
-    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float,
-                   help="seconds to answer in-flight requests after SIGTERM")
+    p.add_argument(
+        "--shutdown-grace",
+        dest="shutdown_grace",
+        type=float,
+        help="seconds to answer in-flight requests after SIGTERM",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,16 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="one-command local run (embedded Redis if none is set)")
     _add_settings_flags(serve)
-    serve.add_argument("--data-dir", dest="data_dir", type=Path,
-                       help="where the embedded Redis keeps its files (STUI_DATA_DIR)")
+    serve.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        type=Path,
+        help="where the embedded Redis keeps its files (STUI_DATA_DIR)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     call = sub.add_parser("call", help="send one request and print the JSON reply")
     call.add_argument("command_name", metavar="COMMAND")
-    call.add_argument("params", nargs="*", metavar="key=value",
-                      help="a parameter; the value is read as JSON when it parses, else a string")
-    call.add_argument("--endpoint", action="append", default=None,
-                      help="server endpoint (repeat for failover), default tcp://127.0.0.1:5555")
+    call.add_argument(
+        "params",
+        nargs="*",
+        metavar="key=value",
+        help="a parameter; the value is read as JSON when it parses, else a string",
+    )
+    call.add_argument(
+        "--endpoint",
+        action="append",
+        default=None,
+        help="server endpoint (repeat for failover), default tcp://127.0.0.1:5555",
+    )
     call.add_argument("--timeout", type=float, default=5.0)
     call.add_argument("--retries", type=int, default=2)
     call.add_argument("--encoding", choices=["command", "envelope"], default="command")

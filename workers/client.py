@@ -119,13 +119,17 @@ class Client:
 
     def encode(self, command: str, params: dict[str, Any], request_id: str) -> bytes:
         if self.encoding == "envelope":
-            return codec.dumps({
-                "id": request_id,
-                "version": "1.0.0",
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "payload": {"type": "Request",
-                            "data": {"request_type": _pascal(command), "params": params}},
-            })
+            return codec.dumps(
+                {
+                    "id": request_id,
+                    "version": "1.0.0",
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "payload": {
+                        "type": "Request",
+                        "data": {"request_type": _pascal(command), "params": params},
+                    },
+                }
+            )
         return codec.dumps({"id": request_id, "command": command, "parameters": params})
 
     @staticmethod

@@ -61,12 +61,27 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--protected-mode", "no"]
+        args = [
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            args += ["--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
-                     "--appendfsync", self.appendfsync]
+            args += [
+                "--dir",
+                str(self.data_dir.resolve()),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.appendfsync,
+            ]
         else:
             args += ["--appendonly", "no"]
         return args + self.extra_args

@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
-    from workers.runtime import build_dispatcher, configure_logging
     from workers.front import FrontWorker
+    from workers.runtime import build_dispatcher, configure_logging
 
     configure_logging()
     settings = Settings(**settings_data)
-    worker = FrontWorker(settings, build_dispatcher(settings), backend,
-                         connect=True, routing_frames=2)
+    worker = FrontWorker(
+        settings, build_dispatcher(settings), backend, connect=True, routing_frames=2
+    )
     worker.install_signal_handlers()
     worker.run()
 
@@ -119,6 +120,8 @@ class WorkerPool:
     def _replace_dead(self) -> None:
         for n, proc in enumerate(self.procs):
             if not proc.is_alive():
-                log.error("front worker %s exited with %s; starting another", proc.pid, proc.exitcode)
+                log.error(
+                    "front worker %s exited with %s; starting another", proc.pid, proc.exitcode
+                )
                 proc.join(0)
                 self.procs[n] = self._spawn()

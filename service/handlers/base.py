@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import codec, keys
-from service.protocol import iso
 from service.errors import (
     InternalError,
     InvalidRequest,
@@ -26,6 +25,7 @@ from service.errors import (
     SessionNotFound,
     VersionConflict,
 )
+from service.protocol import iso
 from service.settings import Settings
 from service.store import Arg, Call
 
@@ -143,4 +143,6 @@ def encode_value(value: Any, field_name: str) -> bytes:
     try:
         return codec.dumps(value)
     except codec.JSONError as exc:
-        raise InvalidRequest(f"invalid field '{field_name}': {exc}"[:300], field=field_name) from None
+        raise InvalidRequest(
+            f"invalid field '{field_name}': {exc}"[:300], field=field_name
+        ) from None

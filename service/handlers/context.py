@@ -37,21 +37,28 @@ def save_context(p: models.SaveContext, ctx: Ctx) -> Plan:
     c = p.context
     given = c.model_fields_set
     if not given:
-        raise InvalidRequest("context names none of " + ", ".join(models.CONTEXT_PARTS),
-                             field="context")
-    args: list[Arg] = ["" if p.expected_version is None else str(p.expected_version),
-                       s.max_state_bytes]
+        raise InvalidRequest(
+            "context names none of " + ", ".join(models.CONTEXT_PARTS), field="context"
+        )
+    args: list[Arg] = [
+        "" if p.expected_version is None else str(p.expected_version),
+        s.max_state_bytes,
+    ]
     if "workspace_context" in given:
         w = c.workspace_context
-        args += [b"" if w is None else encode_value(w, "context.workspace_context"),
-                 _count(w.get("variables")) if w else 0]
+        args += [
+            b"" if w is None else encode_value(w, "context.workspace_context"),
+            _count(w.get("variables")) if w else 0,
+        ]
     else:
         args += ["-", 0]
     if "inspector_state" in given:
         i = c.inspector_state
-        args += [b"" if i is None else encode_value(i, "context.inspector_state"),
-                 _count(i.get("history")) if i else 0,
-                 encode_value(i.get("selected_object") if i else None, "context.inspector_state")]
+        args += [
+            b"" if i is None else encode_value(i, "context.inspector_state"),
+            _count(i.get("history")) if i else 0,
+            encode_value(i.get("selected_object") if i else None, "context.inspector_state"),
+        ]
     else:
         args += ["-", 0, b"null"]
     if "object_registry" in given:
@@ -65,7 +72,7 @@ def save_context(p: models.SaveContext, ctx: Ctx) -> Plan:
         args.append(-1)
     if "evaluation_history" in given:
         # Only the newest history_limit entries are kept, as with record_evaluation.
-        hist = (c.evaluation_history or [])[-s.history_limit:]
+        hist = (c.evaluation_history or [])[-s.history_limit :]
         args.append(len(hist))
         args += [encode_value(e, "context.evaluation_history") for e in hist]
     else:
@@ -104,7 +111,7 @@ def load_context(p: models.SessionRef, ctx: Ctx) -> Plan:
             else:
                 history.append((int(name[2:]), value))
         history.sort()
-        empty = (w in (None, b"{}") and i in (None, b"{}") and not registry and not history)
+        empty = w in (None, b"{}") and i in (None, b"{}") and not registry and not history
         if empty:
             return {"session_id": sid, "loaded": False, "context": None}
         return {
@@ -186,14 +193,22 @@ def register_object(p: models.RegisterObject, ctx: Ctx) -> Plan:
         "metadata": p.metadata if p.metadata is not None else {},
         "registered_at": iso(now_ms()),
     }
-    extra: list[Arg] = [p.object_id, encode_value(entry, "metadata"),
-                        s.max_registry_size, s.max_state_bytes]
+    extra: list[Arg] = [
+        p.object_id,
+        encode_value(entry, "metadata"),
+        s.max_registry_size,
+        s.max_state_bytes,
+    ]
     call = session_call(ctx, scripts.REGISTER_OBJECT, sid, p.client_id, extra, replay=True)
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], s)
-        return {"session_id": sid, "object_id": p.object_id,
-                "registry_size": int(r[1]), "version": int(r[2])}
+        return {
+            "session_id": sid,
+            "object_id": p.object_id,
+            "registry_size": int(r[1]),
+            "version": int(r[2]),
+        }
 
     return Plan([call], finish)
 
@@ -204,7 +219,12 @@ def release_object(p: models.ReleaseObject, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        return {"session_id": sid, "object_id": p.object_id, "released": int(r[1]) == 1,
-                "registry_size": int(r[2]), "version": int(r[3])}
+        return {
+            "session_id": sid,
+            "object_id": p.object_id,
+            "released": int(r[1]) == 1,
+            "registry_size": int(r[2]),
+            "version": int(r[3]),
+        }
 
     return Plan([call], finish)

@@ -21,7 +21,7 @@ from service.handlers.base import (
     text,
 )
 from service.protocol import iso
-from service.store import Call
+from service.store import Arg, Call
 
 
 def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
@@ -36,8 +36,16 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     fp = fingerprint(ctx)
     key_list = keys.session_keys(sid)
     key_list.append(keys.replay_key(bucket, replay_scope(ctx, p.client_id) if fp else ""))
-    args = [p.client_id, fp, s.replay_window * 1000, sid, chash,
-            timeout, info, s.max_sessions_per_client]
+    args: list[Arg] = [
+        p.client_id,
+        fp,
+        s.replay_window * 1000,
+        sid,
+        chash,
+        timeout,
+        info,
+        s.max_sessions_per_client,
+    ]
     call = Call(scripts.CREATE, key_list, args)
 
     def finish(raw: list[Any]) -> Result:
@@ -58,8 +66,16 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
 
 
 def _info_result(
-    session_id: str, client_id: str, created: int, modified: int, timeout: int,
-    version: int, active: int, expires: int, now: int, client_info: Any,
+    session_id: str,
+    client_id: str,
+    created: int,
+    modified: int,
+    timeout: int,
+    version: int,
+    active: int,
+    expires: int,
+    now: int,
+    client_info: Any,
 ) -> Result:
     return {
         "session_id": session_id,
@@ -82,8 +98,16 @@ def get_session_info(p: models.SessionRef, ctx: Ctx) -> Plan:
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
         return _info_result(
-            sid, text(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]),
-            int(r[7]), int(r[8]), r[9] or None,
+            sid,
+            text(r[1]),
+            int(r[2]),
+            int(r[3]),
+            int(r[4]),
+            int(r[5]),
+            int(r[6]),
+            int(r[7]),
+            int(r[8]),
+            r[9] or None,
         )
 
     return Plan([call], finish)
@@ -98,8 +122,16 @@ def restore_session(p: models.SessionRef, ctx: Ctx) -> Plan:
         now, expires = int(r[1]), int(r[2])
         h = dict(zip(r[3::2], r[4::2], strict=True))
         result = _info_result(
-            sid, text(h[b"c"]), int(h[b"ca"]), int(h[b"lm"]), int(h[b"to"]), int(h[b"v"]),
-            int(h[b"a"]), expires, now, h.get(b"ci"),
+            sid,
+            text(h[b"c"]),
+            int(h[b"ca"]),
+            int(h[b"lm"]),
+            int(h[b"to"]),
+            int(h[b"v"]),
+            int(h[b"a"]),
+            expires,
+            now,
+            h.get(b"ci"),
         )
         result.update(session_contents(h))
         return result
@@ -179,9 +211,7 @@ def list_client_sessions(p: models.ListClientSessions, ctx: Ctx) -> Plan:
         now = int(r[1])
         rows = []
         for sid, packed in zip(r[2::2], r[3::2], strict=True):
-            exp, created, modified, timeout, version, active = (
-                int(x) for x in packed.split(b"|")
-            )
+            exp, created, modified, timeout, version, active = (int(x) for x in packed.split(b"|"))
             rows.append((created, text(sid), exp, modified, timeout, version, active))
         rows.sort()
         sessions = [

@@ -1,0 +1,163 @@
+"""The client library's retries and failover, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from service import codec
+from tests.conftest import FrontProcess
+from workers.client import Client, NoReply
+from workers.embedded_redis import free_port
+
+pytestmark = pytest.mark.integration
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+@pytest.fixture
+def flaky_server(zmq_context: Ctx) -> Iterator[tuple[str, list[bytes]]]:
+    """A ROUTER that ignores the first request it gets and answers the rest."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    seen: list[bytes] = []
+    stop = threading.Event()
+    sock = zmq_context.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+
+    def serve() -> None:
+        while not stop.is_set():
+            if sock.poll(50):
+                frames = sock.recv_multipart()
+                seen.append(frames[-1])
+                if len(seen) > 1:
+                    rid = codec.loads(frames[-1])["id"]
+                    reply = {
+                        "id": rid,
+                        "status": "success",
+                        "result": {"n": len(seen)},
+                        "timestamp": "2026-01-01T00:00:00.000Z",
+                    }
+                    sock.send_multipart([*frames[:-1], codec.dumps(reply)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield endpoint, seen
+    stop.set()
+    thread.join(2)
+    sock.close(0)
+
+
+def test_retry_resends_the_same_request_id(
+    flaky_server: tuple[str, list[bytes]], zmq_context: Ctx
+) -> None:
+    endpoint, seen = flaky_server
+    with Client(endpoint, timeout=0.3, retries=2, context=zmq_context) as c:
+        assert c.call("ping") == {"n": 2}
+        assert c.stats.retries == 1 and c.stats.timeouts == 1
+    assert len(seen) == 2
+    assert seen[0] == seen[1]  # byte for byte: same id, same parameters
+
+
+def test_gives_up_after_the_retry_budget(zmq_context: Ctx) -> None:
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    with Client(dead, timeout=0.2, retries=2, context=zmq_context) as c, pytest.raises(NoReply):
+        c.call("ping")
+
+
+def test_failover_to_the_next_endpoint(front: FrontProcess, zmq_context: Ctx) -> None:
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    with Client([dead, front.endpoint], timeout=0.5, retries=2, context=zmq_context) as c:
+        sid = c.call("create_session", client_id="fo")["session_id"]
+        assert c.stats.retries == 1
+        assert c.stats.endpoints_tried == [dead, front.endpoint]
+        assert c.call("get_session_info", session_id=sid)["client_id"] == "fo"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_call_prints_the_json_reply(front: FrontProcess) -> None:
+    done = _cli(
+        "call",
+        "create_session",
+        "client_id=cli",
+        "timeout=60",
+        'client_info={"x": []}',
+        "--endpoint",
+        front.endpoint,
+    )
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["result"]["timeout"] == 60 and reply["status"] == "success"
+    sid = reply["result"]["session_id"]
+    info = json.loads(
+        _cli("call", "get_session_info", f"session_id={sid}", "--endpoint", front.endpoint).stdout
+    )
+    assert info["result"]["client_info"] == {"x": []}
+    failed = _cli("call", "get_session_info", "session_id=nope", "--endpoint", front.endpoint)
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error_type"] == "SessionNotFound"
+    assert _cli("call", "ping", "oops", "--endpoint", front.endpoint).returncode == 2
+
+
+def _serve(data_dir: Path, endpoint: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "STUI_REDIS_URL"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--bind",
+            endpoint,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_ping(endpoint: str, ctx: Ctx) -> None:
+    with Client(endpoint, timeout=1, retries=20, context=ctx) as c:
+        c.call("ping")
+
+
+def test_serve_persists_sessions_across_a_restart(tmp_path: Path, zmq_context: Ctx) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = _serve(tmp_path, endpoint)
+    try:
+        _wait_ping(endpoint, zmq_context)
+        with Client(endpoint, timeout=5, context=zmq_context) as c:
+            sid = c.call("create_session", client_id="dev")["session_id"]
+            c.call("update_session_state", session_id=sid, state_data={"work": "precious"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert list((tmp_path / "redis").rglob("*.aof"))
+    proc = _serve(tmp_path, endpoint)
+    try:
+        _wait_ping(endpoint, zmq_context)
+        with Client(endpoint, timeout=5, context=zmq_context) as c:
+            restored = c.call("restore_session", session_id=sid)
+        assert restored["session_state"] == {"work": "precious"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

@@ -1,0 +1,294 @@
+"""The front worker as a process: sockets, batching, shutdown, Redis failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+import zmq
+
+from service import codec
+from tests.conftest import FrontProcess
+from workers.client import Client, RemoteError
+from workers.embedded_redis import EmbeddedRedis
+
+pytestmark = pytest.mark.integration
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+def dealer_burst(ctx: Ctx, endpoint: str, bodies: list[bytes], timeout: float = 20) -> list[Any]:
+    """Send every body at once from one DEALER; collect the replies by id."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    for body in bodies:
+        sock.send_multipart([b"", body])
+    replies: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(bodies) and time.monotonic() < deadline:
+        if sock.poll(200):
+            frames = sock.recv_multipart()
+            assert frames[0] == b""
+            replies.append(codec.loads(frames[-1]))
+    sock.close()
+    return replies
+
+
+def body(command: str, rid: str, **params: Any) -> bytes:
+    return codec.dumps({"id": rid, "command": command, "parameters": params})
+
+
+def test_dealer_many_in_flight_and_req(front: FrontProcess, zmq_context: Ctx) -> None:
+    with Client(front.endpoint, context=zmq_context) as c:
+        sid = c.call("create_session", client_id="d")["session_id"]
+    bodies = [body("record_evaluation", f"r{i}", session_id=sid, code=str(i)) for i in range(300)]
+    replies = dealer_burst(zmq_context, front.endpoint, bodies)
+    assert len(replies) == 300
+    assert {r["id"] for r in replies} == {f"r{i}" for i in range(300)}
+    assert all(r["status"] == "success" for r in replies)
+    with Client(front.endpoint, context=zmq_context) as c:
+        assert c.call("get_session_info", session_id=sid)["version"] == 301
+
+
+def test_dealer_without_delimiter_is_answered(front: FrontProcess, zmq_context: Ctx) -> None:
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.connect(front.endpoint)
+    sock.send(body("ping", "bare"))
+    assert sock.poll(5000)
+    frames = sock.recv_multipart()
+    assert len(frames) == 1 and codec.loads(frames[0])["id"] == "bare"
+    sock.close(0)
+
+
+def test_workers_option_runs_processes_behind_one_endpoint(
+    start_front: Callable[..., FrontProcess], redis_client: redis.Redis, zmq_context: Ctx
+) -> None:
+    front = start_front(workers=3)
+    bodies = [body("ping", f"p{i}") for i in range(200)]
+    assert len(dealer_burst(zmq_context, front.endpoint, bodies)) == 200
+    import psutil
+
+    assert front.proc is not None
+    children = psutil.Process(front.proc.pid).children()
+    assert len([p for p in children if "python" in p.name().lower()]) >= 3
+    with Client(front.endpoint, context=zmq_context) as c:
+        sid = c.call("create_session", client_id="multi")["session_id"]
+        assert c.call("get_session_info", session_id=sid)["client_id"] == "multi"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_answers_everything_in_flight(
+    start_front: Callable[..., FrontProcess],
+    redis_client: redis.Redis,
+    zmq_context: Ctx,
+    workers: int,
+) -> None:
+    front = start_front(workers=workers, env={"STUI_SHUTDOWN_GRACE": "5"})
+    with Client(front.endpoint, context=zmq_context) as c:
+        sid = c.call("create_session", client_id="term")["session_id"]
+    sock = zmq_context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(front.endpoint)
+    n = 400
+    for i in range(n):
+        sock.send_multipart([b"", body("record_evaluation", f"t{i}", session_id=sid, code="x")])
+    assert front.proc is not None
+    started = time.monotonic()
+    front.proc.send_signal(signal.SIGTERM)
+    replies: list[Any] = []
+    while len(replies) < n and sock.poll(3000):
+        replies.append(codec.loads(sock.recv_multipart()[-1]))
+    code = front.proc.wait(10)
+    assert time.monotonic() - started < 7
+    assert code == 0
+    assert len(replies) == n
+    assert all(r["status"] == "success" for r in replies)
+    sock.close()
+    front.proc = None
+    assert (
+        redis_client.hget(f"stui:{{b{int(sid[:16], 16) % 64:02d}}}:s:{sid}", "v")
+        == str(n + 1).encode()
+    )
+
+
+def test_redis_down_gives_storage_unavailable_then_recovers(
+    start_front: Callable[..., FrontProcess], zmq_context: Ctx
+) -> None:
+    server = EmbeddedRedis().start()
+    try:
+        front = start_front(redis_url=server.url)
+        with Client(
+            front.endpoint, timeout=6, retries=0, retry_unavailable=False, context=zmq_context
+        ) as c:
+            sid = c.call("create_session", client_id="down")["session_id"]
+            port = server.port
+            server.stop()
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError) as err:
+                c.call("get_session_info", session_id=sid)
+            assert err.value.code == "StorageUnavailable"
+            assert time.monotonic() - t0 < 3
+            assert c.call("ping")["status"] == "ready"  # the worker still serves
+            server = EmbeddedRedis(port=port).start()  # empty, without the scripts
+            time.sleep(0.6)
+            with pytest.raises(RemoteError) as err:
+                c.call("get_session_info", session_id=sid)
+            assert err.value.code == "SessionNotFound"  # data gone, service back
+            assert c.call("create_session", client_id="down")["version"] == 1
+    finally:
+        server.stop()
+
+
+def test_redis_hanging_answers_within_timeout(
+    start_front: Callable[..., FrontProcess], zmq_context: Ctx
+) -> None:
+    server = EmbeddedRedis().start()
+    assert server.process is not None
+    try:
+        front = start_front(redis_url=server.url, env={"STUI_STORAGE_TIMEOUT": "1.0"})
+        with Client(
+            front.endpoint, timeout=8, retries=0, retry_unavailable=False, context=zmq_context
+        ) as c:
+            sid = c.call("create_session", client_id="hang")["session_id"]
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                results: list[float] = []
+
+                def ask() -> None:
+                    with Client(
+                        front.endpoint,
+                        timeout=8,
+                        retries=0,
+                        retry_unavailable=False,
+                        context=zmq_context,
+                    ) as c2:
+                        t = time.monotonic()
+                        try:
+                            c2.call("get_session_info", session_id=sid)
+                        except RemoteError as exc:
+                            assert exc.code == "StorageUnavailable"
+                            results.append(time.monotonic() - t)
+
+                threads = [threading.Thread(target=ask) for _ in range(5)]
+                for t in threads:
+                    t.start()
+                    time.sleep(0.1)
+                for t in threads:
+                    t.join(10)
+                assert len(results) == 5
+                # the configured 1 s bound, plus scheduling slack on a shared machine
+                assert max(results) < 2.5
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            time.sleep(0.6)
+            assert c.call("get_session_info", session_id=sid)["client_id"] == "hang"
+    finally:
+        server.stop()
+
+
+def test_scripts_reload_after_script_flush(client: Client, redis_client: redis.Redis) -> None:
+    sid = client.call("create_session", client_id="flush")["session_id"]
+    redis_client.script_flush()
+    assert client.call("get_session_info", session_id=sid)["version"] == 1
+    redis_client.script_flush()
+    assert client.call("update_session_state", session_id=sid, state_data={"a": 1})["version"] == 2
+
+
+def _monitor(redis_client: redis.Redis, stop: threading.Event, seen: list[dict[str, Any]]) -> None:
+    try:
+        with redis_client.monitor() as m:  # type: ignore[no-untyped-call]
+            for cmd in m.listen():
+                if cmd.get("client_type") != "lua":
+                    seen.append(cmd)
+                if stop.is_set():
+                    return
+    except (redis.RedisError, OSError, ValueError):
+        return  # the test closed the connection
+
+
+def test_one_redis_command_per_protocol_command(
+    client: Client, redis_client: redis.Redis, redis_server: EmbeddedRedis
+) -> None:
+    """MONITOR shows every command a client sends (and, tagged 'lua', what
+    scripts run); we count the front's own commands for each request."""
+    mon_client = redis.Redis.from_url(redis_server.url)
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+    sid = client.call("create_session", client_id="count")["session_id"]
+    client.call("get_session_info", session_id=sid)  # scripts loaded by now
+    thread = threading.Thread(target=_monitor, args=(mon_client, stop, seen), daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    marker = 0
+
+    def wait_for(text: str) -> int:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for i, c in enumerate(seen):
+                if c["command"] == f"ECHO {text}":
+                    return i
+            time.sleep(0.02)
+        raise AssertionError(f"monitor did not see {text}")
+
+    def count(command: str, **params: Any) -> int:
+        """Commands that reached Redis between two markers around one request."""
+        nonlocal marker
+        marker += 1
+        redis_client.echo(f"start-{marker}")
+        client.call(command, **params)
+        redis_client.echo(f"end-{marker}")
+        start, end = wait_for(f"start-{marker}"), wait_for(f"end-{marker}")
+        mine = seen[start + 1 : end]
+        del seen[: end + 1]
+        return len(mine)
+
+    per_command = {
+        "create_session": count("create_session", client_id="count2"),
+        "restore_session": count("restore_session", session_id=sid),
+        "update_session_state": count("update_session_state", session_id=sid, state_data={"a": 1}),
+        "get_session_info": count("get_session_info", session_id=sid),
+        "list_client_sessions": count("list_client_sessions", client_id="count"),
+        "save_context": count(
+            "save_context", session_id=sid, context={"workspace_context": {"v": 1}}
+        ),
+        "load_context": count("load_context", session_id=sid),
+        "get_context_summary": count("get_context_summary", session_id=sid),
+        "clear_context": count("clear_context", session_id=sid),
+        "record_evaluation": count("record_evaluation", session_id=sid, code="1"),
+        "register_object": count("register_object", session_id=sid, object_id="o", description="d"),
+        "release_object": count("release_object", session_id=sid, object_id="o"),
+        "close_session": count("close_session", session_id=sid, save_state=True),
+        "ping": count("ping"),
+        "describe": count("describe"),
+    }
+    assert all(n <= 1 for n in per_command.values()), per_command
+    assert per_command["update_session_state"] == 1
+
+    try:
+        stats_small = count("get_session_statistics")
+        with Client(client.endpoints, context=client.context) as c:
+            for i in range(300):
+                c.call("create_session", client_id=f"many-{i}")
+        stats_large = count("get_session_statistics")
+        # a fixed number, one per bucket, whatever the number of sessions
+        assert stats_small == stats_large == 64
+    finally:
+        stop.set()
+        redis_client.echo("wake the monitor")
+        thread.join(5)
+        mon_client.close()
+
+
+def test_unique_request_ids_do_not_collide_across_clients(client: Client) -> None:
+    """Replay records are scoped by command and target: two clients that both
+    use the id "create-001" (as the Pharo examples do) get two sessions."""
+    a = client.request("create_session", {"client_id": "one"}, request_id="create-001")
+    b = client.request("create_session", {"client_id": "two"}, request_id="create-001")
+    assert a["result"]["session_id"] != b["result"]["session_id"]

@@ -1,0 +1,207 @@
+"""Fast unit tests of the domain, over fakeredis with its Lua support."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from service import codec, keys
+from service.dispatch import Dispatcher
+from service.errors import ALL_ERRORS, InternalError, StuiError
+from service.protocol import ReplyTo, encode_error
+from service.scripts import ALL_SCRIPTS
+
+SPEC_CODES = {
+    "InvalidRequest",
+    "UnknownCommand",
+    "UnsupportedVersion",
+    "SessionNotFound",
+    "SessionLimitExceeded",
+    "ClientNotAllowed",
+    "RateLimited",
+    "VersionConflict",
+    "PayloadTooLarge",
+    "RegistryFull",
+    "StorageUnavailable",
+    "InternalError",
+}
+
+
+def ask(d: Dispatcher, command: str, rid: Any = "1", **params: Any) -> dict[str, Any]:
+    reply = codec.loads(
+        d.handle([codec.dumps({"id": rid, "command": command, "parameters": params})])[0]
+    )
+    assert isinstance(reply, dict)
+    return reply
+
+
+def test_every_spec_error_code_has_a_class() -> None:
+    assert {e.code for e in ALL_ERRORS} == SPEC_CODES
+    assert all(issubclass(e, StuiError) for e in ALL_ERRORS)
+
+
+@pytest.mark.parametrize("error", ALL_ERRORS, ids=lambda e: e.code)
+@pytest.mark.parametrize("encoding", ["command", "envelope"])
+def test_every_error_code_encodes_in_both_forms(error: type[StuiError], encoding: str) -> None:
+    exc = error("boom") if error.__name__ != "InvalidRequest" else error("boom", field="x")
+    reply = json.loads(encode_error(ReplyTo(encoding, "r-1"), exc))  # type: ignore[arg-type]
+    if encoding == "command":
+        assert reply["status"] == "error" and reply["error_type"] == error.code
+        assert reply["id"] == "r-1" and reply["error"] == "boom"
+        assert isinstance(reply["details"], dict) and reply["timestamp"].endswith("Z")
+    else:
+        data = reply["payload"]["data"]
+        assert data["response_type"] == "Error" and data["data"]["code"] == error.code
+        assert reply["version"] == "1.0.0" and reply["id"] == "r-1"
+
+
+def test_a_bug_becomes_internal_error_without_stack(
+    fake_dispatcher: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import handlers, models
+
+    def broken(*_: Any) -> Any:
+        raise ZeroDivisionError("secret detail")
+
+    monkeypatch.setitem(
+        handlers._BY_ANY_NAME, "ping", handlers.Command("ping", models.Ping, broken)
+    )
+    d = fake_dispatcher()
+    raw = d.handle([b'{"id": "b", "command": "ping"}'])[0]
+    assert b"secret" not in raw and b"Traceback" not in raw
+    assert json.loads(raw)["error_type"] == InternalError.code
+    # the dispatcher keeps serving
+    assert ask(d, "describe")["status"] == "success"
+
+
+def test_a_failing_script_is_internal_error(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    d = fake_dispatcher()
+    sid = ask(d, "create_session", client_id="c")["result"]["session_id"]
+    # corrupt the session hash so the script fails at run time
+    d.store.client.hset(keys.session_key(sid), "to", "not-a-number")
+    reply = ask(d, "update_session_state", session_id=sid, state_data={"a": 1})
+    assert reply["error_type"] == "InternalError"
+    assert "Traceback" not in json.dumps(reply) and "lua" not in reply["error"].lower()
+
+
+def test_key_formats_are_pinned() -> None:
+    chash = keys.client_hash("alice")
+    assert chash == "2bd806c97f0e00af"
+    bucket = keys.bucket_of(chash)
+    assert bucket == int(chash, 16) % 64 == 47
+    sid = keys.new_session_id(chash)
+    assert keys.is_session_id(sid) and sid.startswith(chash + ".")
+    assert len(sid) == 39
+    assert keys.session_key(sid) == f"stui:{{b47}}:s:{sid}"
+    assert keys.client_index_key(chash) == "stui:{b47}:c:2bd806c97f0e00af"
+    assert keys.bucket_expiry_key(47) == "stui:{b47}:exp"
+    assert keys.bucket_clients_key(47) == "stui:{b47}:clients"
+    assert keys.replay_key(47, "x").startswith("stui:{b47}:r:")
+    assert len(keys.replay_key(47, "x")) == len("stui:{b47}:r:") + 32
+    # every key of one session command shares one hash tag (one Cluster slot)
+    tags = {k.split("}")[0] for k in keys.session_keys(sid)}
+    assert tags == {"stui:{b47"}
+
+
+def test_hostile_client_ids_cannot_reach_key_names() -> None:
+    for hostile in ["{b01}", "a:b:c", "x\ny", "é" * 1000, "}{"]:
+        chash = keys.client_hash(hostile)
+        assert len(chash) == 16 and all(c in "0123456789abcdef" for c in chash)
+
+
+def test_every_script_has_a_header() -> None:
+    for script in ALL_SCRIPTS:
+        body = script.source.split("local function is_state")[-1]
+        assert "-- Returns" in body or "Returns" in body, script.name
+        assert "KEYS" in body or "ARGV" in body, script.name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"NaN",
+        b"[Infinity]",
+        b"-Infinity",
+        b"1e400",
+        b'"\\ud800"',
+        b"[1,]",
+        b"{'a':1}",
+        b"\xff",
+        b"",
+        b"[" * 5000,
+    ],
+)
+def test_codec_refuses_what_is_not_strict_json(text: bytes) -> None:
+    with pytest.raises(codec.JSONError):
+        codec.loads(text)
+
+
+def test_codec_keeps_big_integers_exact() -> None:
+    text = b'{"a": 123456789012345678901234567890, "b": [-18446744073709551617, 0.1]}'
+    value = codec.loads(text)
+    assert value["a"] == 123456789012345678901234567890
+    assert codec.loads(codec.dumps(value)) == value
+    assert b"Infinity" not in codec.dumps(value)
+
+
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        ({"client_id": "bad id"}, "client_id"),
+        ({"client_id": "x" * 129}, "client_id"),
+        ({"client_id": 5}, "client_id"),
+        ({"client_id": "ok", "timeout": "3600"}, "timeout"),
+        ({"client_id": "ok", "timeout": 3600.0}, "timeout"),
+        ({"client_id": "ok", "timeout": True}, "timeout"),
+        ({"client_id": "ok", "timeout": 0}, "timeout"),
+        ({"client_id": "ok", "timeout": 2_592_001}, "timeout"),
+        ({"client_id": "ok", "client_info": []}, "client_info"),
+        ({"client_id": "ok", "colour": "red"}, "colour"),
+        ({}, "client_id"),
+    ],
+)
+def test_create_session_parameter_validation(
+    fake_dispatcher: Callable[..., Dispatcher], params: dict[str, Any], field: str
+) -> None:
+    reply = ask(fake_dispatcher(), "create_session", **params)
+    assert reply["error_type"] == "InvalidRequest"
+    assert reply["details"] == {"field": field}
+
+
+def test_malformed_session_id_is_not_found_without_redis(
+    fake_dispatcher: Callable[..., Dispatcher],
+) -> None:
+    d = fake_dispatcher()
+    d.store.client.connection_pool.disconnect()
+    for sid in ["x", "../../etc/passwd", "{b01}:s:x", "0" * 39]:
+        assert ask(d, "get_session_info", session_id=sid)["error_type"] == "SessionNotFound"
+    assert ask(d, "get_session_info", session_id=12)["error_type"] == "InvalidRequest"
+
+
+def test_unsupported_version_and_envelope_names(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    d = fake_dispatcher()
+    env = {
+        "id": "e",
+        "version": "2.0.0",
+        "payload": {"type": "Request", "data": {"request_type": "Ping", "params": {}}},
+    }
+    reply = codec.loads(d.handle([codec.dumps(env)])[0])
+    data = reply["payload"]["data"]["data"]
+    assert data["code"] == "UnsupportedVersion" and data["details"] == {"supported": ["1.x"]}
+    env["version"] = "1.4.2"
+    env["payload"]["data"]["request_type"] = "GetSessionStatistics"  # type: ignore[index]
+    reply = codec.loads(d.handle([codec.dumps(env)])[0])
+    assert reply["payload"]["data"]["response_type"] == "GetSessionStatistics"
+
+
+def test_request_ids_are_echoed_or_null(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    d = fake_dispatcher()
+    assert ask(d, "ping", rid=7)["id"] == 7
+    assert ask(d, "ping", rid="x" * 256)["id"] == "x" * 256
+    too_long = ask(d, "ping", rid="x" * 257)
+    assert too_long["id"] is None and too_long["details"] == {"field": "id"}
+    assert ask(d, "ping", rid=[1])["id"] is None
+    assert ask(d, "ping", rid=None)["status"] == "success"
