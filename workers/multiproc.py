@@ -36,6 +36,8 @@ def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
         settings, build_dispatcher(settings), backend, connect=True, routing_frames=2
     )
     worker.install_signal_handlers()
+    # Ctrl-C reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker.run()
 
 
@@ -85,6 +87,9 @@ class WorkerPool:
                 for sock, _ in poller.poll(100):
                     self._relay(sock, back if sock is front else front)
                 self._replace_dead()
+            # Requests already queued here are in flight for their clients:
+            # pass them on until the front has been quiet for a moment.
+            self._drain_front(front, back, poller)
             # Stop taking requests; keep relaying replies while workers drain.
             poller.unregister(front)
             for proc in self.procs:
@@ -104,6 +109,17 @@ class WorkerPool:
             front.close(linger=1000)
             back.close(linger=0)
             ctx.term()
+
+    def _drain_front(
+        self, front: zmq.Socket[bytes], back: zmq.Socket[bytes], poller: zmq.Poller
+    ) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_grace / 2
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
+            for sock, _ in poller.poll(20):
+                if sock is front:
+                    quiet_since = time.monotonic()
+                self._relay(sock, back if sock is front else front)
 
     @staticmethod
     def _relay(src: zmq.Socket[bytes], dst: zmq.Socket[bytes]) -> None:
