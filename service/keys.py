@@ -79,10 +79,5 @@ def replay_key(bucket: int, scope: str) -> str:
 def session_keys(session_id: str) -> list[str]:
     """KEYS[1..4] of every session-scoped script (the replay key is KEYS[5])."""
     chash = chash_of_session(session_id)
-    bucket = bucket_of(chash)
-    return [
-        session_key(session_id),
-        client_index_key(chash),
-        bucket_expiry_key(bucket),
-        bucket_clients_key(bucket),
-    ]
+    tag = _tag(bucket_of(chash))
+    return [f"{tag}:s:{session_id}", f"{tag}:c:{chash}", f"{tag}:exp", f"{tag}:clients"]
