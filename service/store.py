@@ -35,6 +35,12 @@ class Call:
     args: Sequence[Arg]
 
 
+def _pack(call: Call) -> bytes:
+    command = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+    # hiredis' stub types the argument as a 1-tuple; any tuple of args is accepted.
+    return hiredis.pack_command(command)  # type: ignore[arg-type]
+
+
 def connect(url: str, timeout: float) -> redis.Redis:
     """A client that fails fast: no hidden retries (a retried pipeline could
     outlive the caller's deadline), connect and read bounded by `timeout`."""
@@ -84,16 +90,8 @@ class Store:
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(  # type: ignore[no-untyped-call]
-                [
-                    b"".join(
-                        hiredis.pack_command(  # type: ignore[arg-type]  # stub says 1-tuple
-                            ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-                        )
-                        for call in calls
-                    )
-                ]
-            )
+            packed = b"".join(_pack(call) for call in calls)
+            conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
             results: list[Any] = []
             for _ in calls:
                 try:
