@@ -13,6 +13,7 @@ worker's figures to this server's is what the benchmark reports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 from types import FrameType
@@ -24,6 +25,7 @@ from service import codec
 
 BATCH_MAX = 256  # service.settings.Settings.batch_max default
 HWM = 10_000  # as workers/front.py
+MAX_MSG = 40 * 1024 * 1024  # Settings.transport_max_bytes default
 
 
 def _now_iso() -> str:
@@ -65,6 +67,7 @@ class EchoServer:
     def run(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.bind(self.endpoint)
@@ -93,10 +96,9 @@ class EchoServer:
                 bodies.append(body)
         replies = [reply_for(body) for body in bodies]
         for envelope, reply in zip(envelopes, replies, strict=True):
-            try:
+            # A peer that is gone loses its reply, as with the front worker.
+            with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # peer gone: drop its reply, as the front worker does
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ class Call:
 def _pack(call: Call) -> bytes:
     command = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
     # hiredis' stub types the argument as a 1-tuple; any tuple of args is accepted.
-    return hiredis.pack_command(command)  # type: ignore[arg-type]
+    return bytes(hiredis.pack_command(command))  # type: ignore[arg-type]
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
