@@ -205,3 +205,41 @@ def test_request_ids_are_echoed_or_null(fake_dispatcher: Callable[..., Dispatche
     assert too_long["id"] is None and too_long["details"] == {"field": "id"}
     assert ask(d, "ping", rid=[1])["id"] is None
     assert ask(d, "ping", rid=None)["status"] == "success"
+
+
+def test_every_script_call_stays_in_one_cluster_slot(
+    fake_dispatcher: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis Cluster readiness: each call's keys hash to one slot, and every
+    key a script touches arrives in KEYS (the scripts never build names)."""
+    from redis.crc import key_slot
+
+    from service.store import Call, Store
+
+    d = fake_dispatcher()
+    seen: list[Call] = []
+    real_run = Store.run
+
+    def spy(self: Store, calls: list[Call]) -> list[Any]:
+        seen.extend(calls)
+        return real_run(self, calls)
+
+    monkeypatch.setattr(Store, "run", spy)
+    sid = ask(d, "create_session", client_id="slots")["result"]["session_id"]
+    for command, params in [
+        ("restore_session", {}), ("update_session_state", {"state_data": {"a": 1}}),
+        ("get_session_info", {}), ("save_context", {"context": {"workspace_context": {}}}),
+        ("load_context", {}), ("get_context_summary", {}), ("clear_context", {}),
+        ("record_evaluation", {"code": "1"}),
+        ("register_object", {"object_id": "o", "description": "d"}),
+        ("release_object", {"object_id": "o"}), ("close_session", {}),
+    ]:
+        assert ask(d, command, session_id=sid, **params)["status"] == "success", command
+    ask(d, "list_client_sessions", client_id="slots")
+    ask(d, "get_session_statistics")
+    assert len(seen) >= 13 + 64
+    for call in seen:
+        assert len({key_slot(k.encode()) for k in call.keys}) == 1, call.script.name
+    # no script source builds a key name: it only ever indexes KEYS
+    for script in ALL_SCRIPTS:
+        assert "stui:" not in script.source
