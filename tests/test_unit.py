@@ -226,14 +226,15 @@ def test_every_script_call_stays_in_one_cluster_slot(
 
     monkeypatch.setattr(Store, "run", spy)
     sid = ask(d, "create_session", client_id="slots")["result"]["session_id"]
-    for command, params in [
+    steps: list[tuple[str, dict[str, Any]]] = [
         ("restore_session", {}), ("update_session_state", {"state_data": {"a": 1}}),
         ("get_session_info", {}), ("save_context", {"context": {"workspace_context": {}}}),
         ("load_context", {}), ("get_context_summary", {}), ("clear_context", {}),
         ("record_evaluation", {"code": "1"}),
         ("register_object", {"object_id": "o", "description": "d"}),
         ("release_object", {"object_id": "o"}), ("close_session", {}),
-    ]:
+    ]
+    for command, params in steps:
         assert ask(d, command, session_id=sid, **params)["status"] == "success", command
     ask(d, "list_client_sessions", client_id="slots")
     ask(d, "get_session_statistics")
