@@ -57,9 +57,12 @@ class Dispatcher:
         if pending:
             try:
                 results = self.store.run(calls)
-            except StuiError as exc:
+            except Exception as exc:  # one batch's failure must not end the worker
+                error = exc if isinstance(exc, StuiError) else InternalError()
+                if not isinstance(exc, StuiError):
+                    log.exception("store failed")
                 for n, p in pending:
-                    replies[n] = encode_error(p.reply_to, exc)
+                    replies[n] = encode_error(p.reply_to, error)
             else:
                 for n, p in pending:
                     own = results[p.first_call : p.first_call + len(p.plan.calls)]
@@ -94,7 +97,7 @@ class Dispatcher:
             return command, command.handler(validated, ctx), reply_to
         except StuiError as exc:
             raise DecodeError(exc, reply_to) from None
-        except Exception:
+        except Exception:  # a bug answers InternalError; the stack goes to the log
             log.exception("planning %r failed", request.command[:64])
             raise DecodeError(InternalError(), reply_to) from None
 
@@ -104,7 +107,6 @@ class Dispatcher:
             return encode_success(reply_to, command.pascal, plan.finish(raw))
         except StuiError as exc:
             return encode_error(reply_to, exc)
-        except Exception:
-            # A bug: log it with its stack, answer without one.
+        except Exception:  # a bug: log it with its stack, answer without one
             log.exception("finishing %s failed", command.name)
             return encode_error(reply_to, InternalError())

@@ -16,7 +16,8 @@ CLIENT_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 ClientId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
 SessionIdText = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Timeout = Annotated[int, Field(ge=1, le=2_592_000)]
+MIN_TIMEOUT, MAX_TIMEOUT = 1, 2_592_000  # whole seconds, fixed by the protocol
+Timeout = Annotated[int, Field(ge=MIN_TIMEOUT, le=MAX_TIMEOUT)]
 Version = Annotated[int, Field(ge=0, le=2**53)]
 JSONObject = dict[str, Any]
 ContextPart = Literal[
@@ -71,6 +72,7 @@ class EnvelopeRequest(BaseModel):
     version: Annotated[str, StringConstraints(min_length=1, max_length=32)]
     timestamp: Any = None
     payload: EnvelopePayload
+    client_id: Any = None
 
 
 # --- command parameters ------------------------------------------------------

@@ -97,23 +97,28 @@ def request_id(obj: dict[str, Any]) -> str | int | None:
     raise InvalidRequest("id must be a string of at most 256 characters or an integer", field="id")
 
 
+def _guess(body: bytes) -> ReplyTo:
+    """Before the body parses, a reply can only guess its encoding from the bytes."""
+    return ReplyTo("envelope" if b'"payload"' in body[:65536] else "command")
+
+
 def decode(body: bytes, max_bytes: int) -> Request:
-    reply_to = ReplyTo()
     if len(body) > max_bytes:
-        error = PayloadTooLarge(f"request larger than {max_bytes} bytes", limit_bytes=max_bytes)
-        raise DecodeError(error, reply_to)
+        too_large = PayloadTooLarge(f"request larger than {max_bytes} bytes", limit_bytes=max_bytes)
+        raise DecodeError(too_large, _guess(body))
     try:
         obj = codec.loads(body)
     except codec.JSONError as exc:
-        raise DecodeError(InvalidRequest(f"not valid JSON: {exc}"[:300]), reply_to) from None
+        invalid = InvalidRequest(f"not valid JSON: {exc}"[:300])
+        raise DecodeError(invalid, _guess(body)) from None
     if not isinstance(obj, dict):
-        raise DecodeError(InvalidRequest("a request must be a JSON object"), reply_to)
+        raise DecodeError(InvalidRequest("a request must be a JSON object"), _guess(body))
+    reply_to = ReplyTo("envelope" if "payload" in obj else "command")
     try:
         reply_to.id = request_id(obj)
     except StuiError as exc:
-        raise DecodeError(exc, ReplyTo("envelope" if "payload" in obj else "command")) from None
-    if "payload" in obj:
-        reply_to.encoding = "envelope"
+        raise DecodeError(exc, reply_to) from None
+    if reply_to.encoding == "envelope":
         try:
             # The version decides how to read the rest, so it is checked first.
             version = obj.get("version")
@@ -125,7 +130,9 @@ def decode(body: bytes, max_bytes: int) -> Request:
             env: EnvelopeRequest = validate(EnvelopeRequest, obj)
         except StuiError as exc:
             raise DecodeError(exc, reply_to) from None
-        return Request(reply_to, env.payload.data.request_type, env.payload.data.params, None)
+        return Request(
+            reply_to, env.payload.data.request_type, env.payload.data.params, obj.get("client_id")
+        )
     try:
         req: CommandRequest = validate(CommandRequest, obj)
     except StuiError as exc:

@@ -24,9 +24,8 @@ class Settings(BaseSettings):
 
     # Protocol limits (all reported by `describe`).
     max_sessions_per_client: int = Field(default=5, ge=1)
+    # Within the protocol's 1 .. 2592000 s (models.MIN_TIMEOUT, models.MAX_TIMEOUT).
     default_timeout: int = Field(default=3600, ge=1, le=2_592_000)
-    min_timeout: int = 1
-    max_timeout: int = 2_592_000
     history_limit: int = Field(default=50, ge=1)
     max_state_bytes: int = Field(default=MIB, ge=1024)
     max_registry_size: int = Field(default=1000, ge=1)
@@ -38,6 +37,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(default=10.0, ge=0)
     batch_max: int = Field(default=256, ge=1)
     cleanup_interval: int = Field(default=300, ge=1)
+    log_level: str = "INFO"
 
     @property
     def transport_max_bytes(self) -> int:

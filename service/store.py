@@ -25,6 +25,11 @@ from service.scripts import ALL_SCRIPTS, Script
 
 log = logging.getLogger(__name__)
 
+# Replies that mean "Redis cannot take this right now" rather than "this
+# request is wrong": a replica after failover, out of memory, loading its
+# data set, a busy script, a cluster reconfiguring. The client may retry.
+_TRANSIENT = ("READONLY", "OOM", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
+
 Arg = str | bytes | int
 
 
@@ -39,6 +44,13 @@ def _pack(call: Call) -> bytes:
     command = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
     # hiredis' stub types the argument as a 1-tuple; any tuple of args is accepted.
     return bytes(hiredis.pack_command(command))  # type: ignore[arg-type]
+
+
+def _transient_as_unavailable(result: Any) -> Any:
+    if isinstance(result, ResponseError) and str(result).startswith(_TRANSIENT):
+        log.warning("redis refused a call: %s", result)
+        return StorageUnavailable()
+    return result
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -64,8 +76,9 @@ class Store:
         self._down_until = 0.0
 
     def run(self, calls: Sequence[Call]) -> list[Any]:
-        """Results in call order; a per-call Redis error is returned in place
-        (as an exception object), a connection failure raises StorageUnavailable."""
+        """Results in call order. A per-call error is returned in place, as an
+        exception object (StorageUnavailable for a transient one); losing
+        Redis altogether raises StorageUnavailable."""
         if time.monotonic() < self._down_until:
             raise StorageUnavailable()
         try:
@@ -80,7 +93,10 @@ class Store:
             self._down_until = time.monotonic() + self.HOLD_AFTER_FAILURE
             log.warning("redis unavailable: %s", type(exc).__name__)
             raise StorageUnavailable() from None
-        return results
+        except RedisError as exc:  # e.g. SCRIPT LOAD refused while Redis is out of memory
+            log.warning("redis refused the batch: %s", exc)
+            raise StorageUnavailable() from None
+        return [_transient_as_unavailable(r) for r in results]
 
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         """One write of every EVALSHA, then one read per reply, on one pooled

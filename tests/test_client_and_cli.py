@@ -161,3 +161,25 @@ def test_serve_persists_sessions_across_a_restart(tmp_path: Path, zmq_context: C
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_front_without_redis_says_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "STUI_REDIS_URL"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "front",
+            "--workers",
+            "2",
+            "--bind",
+            f"tcp://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert done.returncode != 0
+    assert "no Redis configured" in done.stderr

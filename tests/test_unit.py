@@ -227,12 +227,17 @@ def test_every_script_call_stays_in_one_cluster_slot(
     monkeypatch.setattr(Store, "run", spy)
     sid = ask(d, "create_session", client_id="slots")["result"]["session_id"]
     steps: list[tuple[str, dict[str, Any]]] = [
-        ("restore_session", {}), ("update_session_state", {"state_data": {"a": 1}}),
-        ("get_session_info", {}), ("save_context", {"context": {"workspace_context": {}}}),
-        ("load_context", {}), ("get_context_summary", {}), ("clear_context", {}),
+        ("restore_session", {}),
+        ("update_session_state", {"state_data": {"a": 1}}),
+        ("get_session_info", {}),
+        ("save_context", {"context": {"workspace_context": {}}}),
+        ("load_context", {}),
+        ("get_context_summary", {}),
+        ("clear_context", {}),
         ("record_evaluation", {"code": "1"}),
         ("register_object", {"object_id": "o", "description": "d"}),
-        ("release_object", {"object_id": "o"}), ("close_session", {}),
+        ("release_object", {"object_id": "o"}),
+        ("close_session", {}),
     ]
     for command, params in steps:
         assert ask(d, command, session_id=sid, **params)["status"] == "success", command
@@ -244,3 +249,87 @@ def test_every_script_call_stays_in_one_cluster_slot(
     # no script source builds a key name: it only ever indexes KEYS
     for script in ALL_SCRIPTS:
         assert "stui:" not in script.source
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "READONLY You can't write against a read only replica.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "LOADING Redis is loading the dataset in memory",
+    ],
+)
+def test_transient_redis_refusals_are_storage_unavailable(
+    fake_dispatcher: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    from redis.exceptions import ResponseError
+
+    from service.store import Store
+
+    d = fake_dispatcher()
+    monkeypatch.setattr(
+        Store, "_pipeline", lambda self, calls: [ResponseError(message)] * len(calls)
+    )
+    reply = ask(d, "create_session", client_id="t")
+    assert reply["error_type"] == "StorageUnavailable"
+
+
+def test_an_unexpected_store_failure_answers_and_keeps_serving(
+    fake_dispatcher: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.store import Store
+
+    d = fake_dispatcher()
+    real = Store._pipeline
+
+    def explode(self: Store, calls: Any) -> Any:
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(Store, "_pipeline", explode)
+    assert ask(d, "create_session", client_id="t")["error_type"] == "InternalError"
+    monkeypatch.setattr(Store, "_pipeline", real)
+    assert ask(d, "create_session", client_id="t")["status"] == "success"
+
+
+def test_envelope_top_level_client_id_is_the_client(
+    fake_dispatcher: Callable[..., Dispatcher],
+) -> None:
+    d = fake_dispatcher()
+    sid = ask(d, "create_session", client_id="owner")["result"]["session_id"]
+
+    def envelope(client_id: str) -> dict[str, Any]:
+        env = {
+            "id": "e",
+            "version": "1.0.0",
+            "client_id": client_id,
+            "payload": {
+                "type": "Request",
+                "data": {"request_type": "GetSessionInfo", "params": {"session_id": sid}},
+            },
+        }
+        reply = codec.loads(d.handle([codec.dumps(env)])[0])
+        assert isinstance(reply, dict)
+        return dict(reply["payload"]["data"])
+
+    assert envelope("intruder")["data"]["code"] == "SessionNotFound"
+    assert envelope("owner")["data"]["client_id"] == "owner"
+
+
+def test_errors_before_parsing_keep_the_envelope_form(
+    fake_dispatcher: Callable[..., Dispatcher],
+) -> None:
+    d = fake_dispatcher(max_request_bytes=2048)
+    big = b'{"id": "x", "version": "1.0.0", "payload": {"pad": "' + b"x" * 4096 + b'"}}'
+    reply = codec.loads(d.handle([big])[0])
+    assert reply["payload"]["data"]["data"]["code"] == "PayloadTooLarge"
+    assert reply["payload"]["data"]["data"]["details"] == {"limit_bytes": 2048}
+    broken = codec.loads(d.handle([b'{"payload": {"type": "Request", '])[0])
+    assert broken["payload"]["data"]["data"]["code"] == "InvalidRequest"
+
+
+def test_default_timeout_setting_applies(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    d = fake_dispatcher(default_timeout=77)
+    assert ask(d, "create_session", client_id="t")["result"]["timeout"] == 77
+    limits = ask(d, "describe")["result"]["limits"]
+    assert (limits["min_timeout"], limits["max_timeout"]) == (1, 2_592_000)
+    assert limits["transport_max_bytes"] == 4 * limits["max_request_bytes"]

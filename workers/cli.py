@@ -12,6 +12,11 @@ from typing import Any
 
 from service import codec
 from service.settings import Settings
+from workers.client import Client, NoReply
+from workers.embedded_redis import EmbeddedRedis
+from workers.front import FrontWorker
+from workers.multiproc import WorkerPool
+from workers.runtime import build_dispatcher, configure_logging
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -23,19 +28,22 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return Settings(**overrides)
 
 
-def cmd_front(args: argparse.Namespace) -> int:
-    from workers.front import FrontWorker
-    from workers.multiproc import WorkerPool
-    from workers.runtime import build_dispatcher, configure_logging
+def _run_fronts(settings: Settings) -> None:
 
-    configure_logging()
-    settings = _settings(args)
+    if not settings.redis_url:
+        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
     if settings.workers > 1:
         WorkerPool(settings, settings.bind, settings.workers).run()
-        return 0
+        return
     worker = FrontWorker(settings, build_dispatcher(settings), settings.bind)
     worker.install_signal_handlers()
     worker.run()
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings)
+    _run_fronts(settings)
     return 0
 
 
@@ -45,12 +53,9 @@ def _redis_for(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    from workers.embedded_redis import EmbeddedRedis
-
-    port_file = settings.data_dir / "redis.port"
     server = EmbeddedRedis(data_dir=settings.data_dir / "redis")
     with server:
-        port_file.write_text(str(server.port))
+        (settings.data_dir / "redis.port").write_text(str(server.port))
         print(
             f"embedded redis-server on {server.url}, data in {settings.data_dir / 'redis'}",
             file=sys.stderr,
@@ -59,21 +64,11 @@ def _redis_for(settings: Settings) -> Iterator[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from workers.front import FrontWorker
-    from workers.multiproc import WorkerPool
-    from workers.runtime import build_dispatcher, configure_logging
-
-    configure_logging()
     settings = _settings(args)
+    configure_logging(settings)
     with _redis_for(settings) as url:
-        settings = settings.model_copy(update={"redis_url": url})
         print(f"stui-sessions serving on {settings.bind}", file=sys.stderr)
-        if settings.workers > 1:
-            WorkerPool(settings, settings.bind, settings.workers).run()
-        else:
-            worker = FrontWorker(settings, build_dispatcher(settings), settings.bind)
-            worker.install_signal_handlers()
-            worker.run()
+        _run_fronts(settings.model_copy(update={"redis_url": url}))
     return 0
 
 
@@ -86,8 +81,6 @@ def _parse_value(text: str) -> Any:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from workers.client import Client, NoReply
-
     params: dict[str, Any] = {}
     for item in args.params:
         key, sep, value = item.partition("=")

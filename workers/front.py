@@ -27,9 +27,10 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_EXTRA_FRAMES = encode_error(
-    ReplyTo(), InvalidRequest("a request is exactly one frame after the envelope", field=None)
-)
+
+def _extra_frames_reply() -> bytes:
+    error = InvalidRequest("a request is exactly one frame after the envelope", field=None)
+    return encode_error(ReplyTo(), error)
 
 
 class FrontWorker:
@@ -121,7 +122,7 @@ class FrontWorker:
                 envelopes.append(envelope)
                 bodies.append(body)
         for envelope in bad:
-            self._send(sock, envelope, _EXTRA_FRAMES)
+            self._send(sock, envelope, _extra_frames_reply())
         if bodies:
             for envelope, reply in zip(envelopes, self.dispatcher.handle(bodies), strict=True):
                 self._send(sock, envelope, reply)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -30,8 +31,8 @@ def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
     from workers.front import FrontWorker
     from workers.runtime import build_dispatcher, configure_logging
 
-    configure_logging()
     settings = Settings(**settings_data)
+    configure_logging(settings)
     worker = FrontWorker(
         settings, build_dispatcher(settings), backend, connect=True, routing_frames=2
     )
@@ -51,6 +52,9 @@ class WorkerPool:
         self.backend = f"ipc://{Path(self._dir) / 'backend.sock'}"
         self._mp = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess] = []
+        self._restart_at: dict[int, float] = {}
+        self._started: dict[int, float] = {}
+        self._failures = 0
 
     def _spawn(self) -> BaseProcess:
         proc = self._mp.Process(
@@ -78,6 +82,7 @@ class WorkerPool:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.procs = [self._spawn() for _ in range(self.count)]
+        self._started = dict.fromkeys(range(self.count), time.monotonic())
         log.info("%d front workers serving on %s", self.count, self.endpoint)
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
@@ -109,6 +114,7 @@ class WorkerPool:
             front.close(linger=1000)
             back.close(linger=0)
             ctx.term()
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _drain_front(
         self, front: zmq.Socket[bytes], back: zmq.Socket[bytes], poller: zmq.Poller
@@ -134,10 +140,25 @@ class WorkerPool:
                 log.debug("relay dropped a message: %s", exc)
 
     def _replace_dead(self) -> None:
+        """Restart a dead worker, backing off while workers die young (one that
+        cannot start must not turn into a fork loop)."""
+        now = time.monotonic()
         for n, proc in enumerate(self.procs):
-            if not proc.is_alive():
+            if proc.is_alive():
+                continue
+            if n not in self._restart_at:
+                lived = now - self._started.get(n, now)
+                self._failures = 0 if lived > 10 else self._failures + 1
+                delay = min(30.0, 0.5 * 2 ** min(self._failures, 6)) if self._failures else 0.0
+                self._restart_at[n] = now + delay
                 log.error(
-                    "front worker %s exited with %s; starting another", proc.pid, proc.exitcode
+                    "front worker %s exited with %s; restarting in %.1f s",
+                    proc.pid,
+                    proc.exitcode,
+                    delay,
                 )
+            if now >= self._restart_at[n]:
+                del self._restart_at[n]
                 proc.join(0)
                 self.procs[n] = self._spawn()
+                self._started[n] = now

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store, connect
 
 
-def configure_logging(level: str | None = None) -> None:
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=level or os.environ.get("STUI_LOG_LEVEL", "INFO"),
+        level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
 

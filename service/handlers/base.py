@@ -23,6 +23,8 @@ from service.errors import (
     RegistryFull,
     SessionLimitExceeded,
     SessionNotFound,
+    StorageUnavailable,
+    StuiError,
     VersionConflict,
 )
 from service.protocol import iso
@@ -40,7 +42,7 @@ class Ctx:
     settings: Settings
     command: str
     request_id: str | int | None
-    params: dict[str, Any]  # as validated, for the replay fingerprint
+    params: dict[str, Any]  # as the client sent them: the replay fingerprint covers these
     started_at: float = 0.0
     command_names: Sequence[str] = field(default_factory=tuple)
 
@@ -61,6 +63,8 @@ def text(value: bytes | str) -> str:
 
 def check(raw: Any, settings: Settings) -> list[Any]:
     """The raw script reply if its status is OK, else the matching error."""
+    if isinstance(raw, StuiError):
+        raise raw
     if isinstance(raw, Exception):
         log.error("script failed: %s", raw)
         raise InternalError()
@@ -84,6 +88,8 @@ def check(raw: Any, settings: Settings) -> list[Any]:
         raise InvalidRequest(
             "this request id was already used with different parameters", field="id"
         )
+    if status == b"COLLISION":  # a new session id already taken: 2**-128, retry is safe
+        raise StorageUnavailable("could not allocate a session id; retry")
     log.error("unexpected script status %r", status)
     raise InternalError()
 

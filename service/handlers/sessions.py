@@ -6,7 +6,6 @@ from typing import Any
 
 from service import keys, models, scripts
 from service.codec import Fragment
-from service.errors import InvalidRequest
 from service.handlers.base import (
     Ctx,
     Plan,
@@ -27,8 +26,6 @@ from service.store import Arg, Call
 def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     s = ctx.settings
     timeout = p.timeout if p.timeout is not None else s.default_timeout
-    if timeout > s.max_timeout:
-        raise InvalidRequest(f"timeout above {s.max_timeout} s", field="timeout")
     info = encode_value(p.client_info, "client_info") if p.client_info is not None else b""
     chash = keys.client_hash(p.client_id)
     bucket = keys.bucket_of(chash)
