@@ -13,7 +13,7 @@ import pytest
 import redis
 import zmq
 
-from service import codec
+from service import codec, keys
 from tests.conftest import FrontProcess
 from workers.client import Client, RemoteError
 from workers.embedded_redis import EmbeddedRedis
@@ -112,10 +112,7 @@ def test_sigterm_answers_everything_in_flight(
     assert all(r["status"] == "success" for r in replies)
     sock.close()
     front.proc = None
-    assert (
-        redis_client.hget(f"stui:{{b{int(sid[:16], 16) % 64:02d}}}:s:{sid}", "v")
-        == str(n + 1).encode()
-    )
+    assert redis_client.hget(keys.session_key(sid), "v") == str(n + 1).encode()
 
 
 def test_redis_down_gives_storage_unavailable_then_recovers(
