@@ -16,6 +16,11 @@ Session-scoped scripts share one calling convention:
     ARGV[4] session id          ARGV[5] client hash
     ARGV[6..] script-specific, documented in each header
 
+Under maxmemory, Redis refuses a script's first write if that command may
+grow memory, and never checks later ones (so as not to break atomicity).
+Every script that grows memory therefore makes an HSET its first write:
+a full Redis refuses it cleanly, before anything changed.
+
 Every script returns an array whose first element is a status: 'OK', or one
 of 'NOTFOUND', 'CONFLICT' (+ current version), 'TOOLARGE', 'LIMIT' (+ live
 count), 'FULL' (+ registry size), 'REUSED' (request id reused with other
@@ -186,21 +191,23 @@ CREATE = _script(
 local r = replay_lookup()
 if r then return r end
 local now = now_ms()
--- Amortised pruning of the bucket indexes; counting never depends on it.
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
 local entries = redis.call('HGETALL', KEYS[2])
-local live = 0
+local live, dead = 0, {}
 for i = 1, #entries, 2 do
-  if entry_expiry(entries[i + 1]) <= now then redis.call('HDEL', KEYS[2], entries[i])
+  if entry_expiry(entries[i + 1]) <= now then dead[#dead + 1] = entries[i]
   else live = live + 1 end
 end
 if live >= tonumber(ARGV[8]) then return {'LIMIT', live} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
 local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[6]), v = 1, a = 1, sb = 0, xb = 0}
+-- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
   'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'rn', '0', 'en', '0', 'eo', '1')
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[7]) end
+chunked('HDEL', KEYS[2], dead)
+-- Amortised pruning of the bucket indexes; counting never depends on it.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
 local exp = touch(m, now)
 local reply = {'OK', sid, now, exp}
 replay_save(reply, 4)
@@ -255,6 +262,9 @@ for i = 9, #ARGV, 2 do
   if ARGV[i + 1] ~= '' then sb = sb + #ARGV[i] + #ARGV[i + 1] end
 end
 if sb + m.xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
+local now = now_ms()
+m.v, m.lm, m.sb = m.v + 1, now, sb
+save_meta(m)  -- first write: refused cleanly by a full Redis
 chunked('HDEL', KEYS[1], old)
 local sets, dels = {}, {}
 for i = 9, #ARGV, 2 do
@@ -263,9 +273,6 @@ for i = 9, #ARGV, 2 do
 end
 chunked('HDEL', KEYS[1], dels)
 chunked('HSET', KEYS[1], sets)
-local now = now_ms()
-m.v, m.lm, m.sb = m.v + 1, now, sb
-save_meta(m)
 touch(m, now)
 local reply = {'OK', m.v, now}
 replay_save(reply, 3)
@@ -390,6 +397,9 @@ if nhist >= 0 then
   for k = 0, nhist - 1 do xb = xb + #ARGV[hist_at + k] end
 end
 if m.sb + xb > tonumber(ARGV[7]) then return {'TOOLARGE'} end
+local now = now_ms()
+m.v, m.lm, m.xb = m.v + 1, now, xb
+save_meta(m)  -- first write: refused cleanly by a full Redis
 if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
 elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[9]) end
 if ins == '' then redis.call('HDEL', KEYS[1], 'i', 'ih', 'so')
@@ -417,9 +427,6 @@ if nhist >= 0 then
   chunked('HSET', KEYS[1], sets)
   redis.call('HSET', KEYS[1], 'en', str(en), 'eo', str(eo))
 end
-local now = now_ms()
-m.v, m.lm, m.xb = m.v + 1, now, xb
-save_meta(m)
 touch(m, now)
 local reply = {'OK', m.v, now, xb}
 replay_save(reply, 4)

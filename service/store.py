@@ -17,7 +17,17 @@ from typing import Any
 import hiredis
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from service.errors import StorageUnavailable
@@ -27,8 +37,18 @@ log = logging.getLogger(__name__)
 
 # Replies that mean "Redis cannot take this right now" rather than "this
 # request is wrong": a replica after failover, out of memory, loading its
-# data set, a busy script, a cluster reconfiguring. The client may retry.
-_TRANSIENT = ("READONLY", "OOM", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
+# data set, a cluster reconfiguring, a busy script. The client may retry.
+# redis-py turns most of them into their own classes (and strips the code
+# from the message); BUSY still arrives as a plain ResponseError.
+_TRANSIENT_CLASSES = (
+    ReadOnlyError,
+    OutOfMemoryError,
+    BusyLoadingError,
+    MasterDownError,
+    TryAgainError,
+    ClusterDownError,
+)
+_TRANSIENT_PREFIXES = ("BUSY", "READONLY", "OOM", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
 Arg = str | bytes | int
 
@@ -46,11 +66,10 @@ def _pack(call: Call) -> bytes:
     return bytes(hiredis.pack_command(command))  # type: ignore[arg-type]
 
 
-def _transient_as_unavailable(result: Any) -> Any:
-    if isinstance(result, ResponseError) and str(result).startswith(_TRANSIENT):
-        log.warning("redis refused a call: %s", result)
-        return StorageUnavailable()
-    return result
+def _is_transient(result: Any) -> bool:
+    return isinstance(result, _TRANSIENT_CLASSES) or (
+        isinstance(result, ResponseError) and str(result).startswith(_TRANSIENT_PREFIXES)
+    )
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -96,7 +115,14 @@ class Store:
         except RedisError as exc:  # e.g. SCRIPT LOAD refused while Redis is out of memory
             log.warning("redis refused the batch: %s", exc)
             raise StorageUnavailable() from None
-        return [_transient_as_unavailable(r) for r in results]
+        refused = [i for i, r in enumerate(results) if _is_transient(r)]
+        if refused:
+            log.warning(
+                "redis refused %d of %d calls: %s", len(refused), len(results), results[refused[0]]
+            )
+            for i in refused:
+                results[i] = StorageUnavailable()
+        return results
 
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         """One write of every EVALSHA, then one read per reply, on one pooled

@@ -16,7 +16,7 @@ import zmq
 from service import codec, keys
 from tests.conftest import FrontProcess
 from workers.client import Client, RemoteError
-from workers.embedded_redis import EmbeddedRedis
+from workers.embedded_redis import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +289,47 @@ def test_unique_request_ids_do_not_collide_across_clients(client: Client) -> Non
     a = client.request("create_session", {"client_id": "one"}, request_id="create-001")
     b = client.request("create_session", {"client_id": "two"}, request_id="create-001")
     assert a["result"]["session_id"] != b["result"]["session_id"]
+
+
+def test_full_or_read_only_redis_is_storage_unavailable_and_changes_nothing(
+    start_front: Callable[..., FrontProcess], zmq_context: Ctx
+) -> None:
+    server = EmbeddedRedis(extra_args=["--maxmemory-policy", "noeviction"]).start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        front = start_front(redis_url=server.url)
+        with Client(
+            front.endpoint, timeout=5, retries=0, retry_unavailable=False, context=zmq_context
+        ) as c:
+            sid = c.call("create_session", client_id="full")["session_id"]
+            c.call("update_session_state", session_id=sid, state_data={"keep": 1})
+            before = admin.hgetall(keys.session_key(sid))
+
+            admin.config_set("maxmemory", 1)
+            for command, params in [
+                ("create_session", {"client_id": "full"}),
+                (
+                    "update_session_state",
+                    {"session_id": sid, "state_data": {"x": 1}, "replace": True},
+                ),
+                ("save_context", {"session_id": sid, "context": {"workspace_context": {"a": 1}}}),
+                ("record_evaluation", {"session_id": sid, "code": "1"}),
+            ]:
+                with pytest.raises(RemoteError) as err:
+                    c.call(command, **params)
+                assert err.value.code == "StorageUnavailable", command
+            admin.config_set("maxmemory", 0)
+            assert admin.hgetall(keys.session_key(sid)) == before
+            assert c.call("list_client_sessions", client_id="full")["session_count"] == 1
+
+            admin.replicaof("127.0.0.1", free_port())  # a replica of nobody: read-only
+            with pytest.raises(RemoteError) as err:
+                c.call("update_session_state", session_id=sid, state_data={"x": 1})
+            assert err.value.code == "StorageUnavailable"
+            admin.replicaof("NO", "ONE")
+            assert (
+                c.call("update_session_state", session_id=sid, state_data={"x": 1})["version"] == 3
+            )
+    finally:
+        admin.close()
+        server.stop()

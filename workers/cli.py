@@ -29,7 +29,6 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _run_fronts(settings: Settings) -> None:
-
     if not settings.redis_url:
         raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
     if settings.workers > 1:

@@ -11,13 +11,12 @@ from service.store import Store, connect
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
 
 
 def build_dispatcher(settings: Settings) -> Dispatcher:
-    if not settings.redis_url:
-        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
+    assert settings.redis_url, "the entry point checks that a Redis is configured"
     store = Store(connect(settings.redis_url, settings.storage_timeout))
     return Dispatcher(settings, store)

@@ -42,7 +42,9 @@ class Ctx:
     settings: Settings
     command: str
     request_id: str | int | None
-    params: dict[str, Any]  # as the client sent them: the replay fingerprint covers these
+    # As the client sent them (with a top-level client_id merged in): the
+    # replay fingerprint covers exactly these.
+    params: dict[str, Any]
     started_at: float = 0.0
     command_names: Sequence[str] = field(default_factory=tuple)
 
