@@ -100,7 +100,12 @@ def fingerprint(ctx: Ctx) -> str:
     """'' (no replay protection) for a request without an id."""
     if ctx.request_id is None:
         return ""
-    canonical = codec.dumps_sorted([ctx.command, ctx.params])
+    try:
+        canonical = codec.dumps_sorted([ctx.command, ctx.params])
+    except codec.JSONError:
+        # Nesting just under the serializer's limit: storing the value worked,
+        # but wrapping it for the fingerprint goes a few levels deeper.
+        raise InvalidRequest("parameters nested too deeply", field="parameters") from None
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
