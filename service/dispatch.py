@@ -14,9 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import InternalError, InvalidRequest, StuiError, UnknownCommand
+from service import audit, keys
+from service.errors import (
+    ClientNotAllowed,
+    InternalError,
+    InvalidRequest,
+    RateLimited,
+    StuiError,
+    UnknownCommand,
+)
 from service.handlers import COMMANDS, Command, lookup
 from service.handlers.base import Ctx, Plan
+from service.policy import Policy, PolicyCache
 from service.protocol import DecodeError, ReplyTo, decode, encode_error, encode_success, validate
 from service.settings import Settings
 from service.store import Call, Store
@@ -30,29 +39,48 @@ class _Pending:
     command: Command
     plan: Plan
     first_call: int
+    client_id: str | None
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    """Requests in, replies out. `identities`, when given, are the client ids
+    that transport authentication (CURVE) bound to each request; None for a
+    request whose key is unknown or was removed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        policy: PolicyCache | None = None,
+        authenticated: bool = False,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.policy = policy
+        self.authenticated = authenticated
         self.started_at = time.monotonic()
         self.command_names = tuple(COMMANDS)
+        self.rate_spec = settings.rate_spec()
+        self.create_rate_spec = settings.rate_spec(create=True)
 
-    def handle(self, bodies: Sequence[bytes]) -> list[bytes]:
+    def handle(
+        self, bodies: Sequence[bytes], identities: Sequence[str | None] | None = None
+    ) -> list[bytes]:
+        policy = self.policy.current() if self.policy is not None else None
         replies: list[bytes | None] = [None] * len(bodies)
         pending: list[tuple[int, _Pending]] = []
         calls: list[Call] = []
         for n, body in enumerate(bodies):
+            identity = identities[n] if identities is not None else None
             try:
-                command, plan, reply_to = self._plan(body)
+                command, plan, reply_to, client_id = self._plan(body, identity, policy)
             except DecodeError as exc:
                 replies[n] = encode_error(exc.reply_to, exc.error)
                 continue
             if not plan.calls:
-                replies[n] = self._finish(reply_to, command, plan, [])
+                replies[n] = self._finish(reply_to, command, plan, [], client_id)
                 continue
-            pending.append((n, _Pending(reply_to, command, plan, len(calls))))
+            pending.append((n, _Pending(reply_to, command, plan, len(calls), client_id)))
             calls.extend(plan.calls)
         if pending:
             try:
@@ -66,12 +94,15 @@ class Dispatcher:
             else:
                 for n, p in pending:
                     own = results[p.first_call : p.first_call + len(p.plan.calls)]
-                    replies[n] = self._finish(p.reply_to, p.command, p.plan, own)
+                    replies[n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
         return [r if r is not None else encode_error(ReplyTo(), InternalError()) for r in replies]
 
-    def _plan(self, body: bytes) -> tuple[Command, Plan, ReplyTo]:
+    def _plan(
+        self, body: bytes, identity: str | None, policy: Policy | None
+    ) -> tuple[Command, Plan, ReplyTo, str | None]:
         request = decode(body, self.settings.max_request_bytes)
         reply_to = request.reply_to
+        client_id: str | None = None
         try:
             command = lookup(request.command)
             if command is None:
@@ -85,6 +116,12 @@ class Dispatcher:
                     raise InvalidRequest(
                         "client_id given twice with different values", field="client_id"
                     )
+            if self.authenticated:
+                self._bind_identity(params, identity, command.name)
+            named = params.get("client_id")
+            client_id = named if isinstance(named, str) else None
+            if policy is not None:
+                self._apply_policy(policy, client_id, params.get("session_id"), command.name)
             validated = validate(command.params, params)
             ctx = Ctx(
                 settings=self.settings,
@@ -93,8 +130,10 @@ class Dispatcher:
                 params=params,
                 started_at=self.started_at,
                 command_names=self.command_names,
+                rate_spec=self.rate_spec,
+                create_rate_spec=self.create_rate_spec,
             )
-            return command, command.handler(validated, ctx), reply_to
+            return command, command.handler(validated, ctx), reply_to, client_id
         except StuiError as exc:
             raise DecodeError(exc, reply_to) from None
         except Exception:  # a bug answers InternalError; the stack goes to the log
@@ -102,9 +141,34 @@ class Dispatcher:
             raise DecodeError(InternalError(), reply_to) from None
 
     @staticmethod
-    def _finish(reply_to: ReplyTo, command: Command, plan: Plan, raw: list[Any]) -> bytes:
+    def _bind_identity(params: dict[str, Any], identity: str | None, command: str) -> None:
+        """With authentication on, the key's client id is the client id."""
+        if identity is None:
+            audit.refused("authentication", None, command)
+            raise ClientNotAllowed("client key unknown or removed")
+        named = params.setdefault("client_id", identity)
+        if named != identity:
+            audit.refused("authentication", identity, command, claimed=str(named)[:128])
+            raise ClientNotAllowed("client_id does not match the authenticated client")
+
+    @staticmethod
+    def _apply_policy(policy: Policy, client_id: str | None, session_id: Any, command: str) -> None:
+        owner = None
+        if client_id is None and isinstance(session_id, str) and keys.is_session_id(session_id):
+            owner = keys.chash_of_session(session_id)
+        if not policy.allows(client_id, owner):
+            audit.refused("policy", client_id, command, session_owner_hash=owner)
+            raise ClientNotAllowed()
+
+    @staticmethod
+    def _finish(
+        reply_to: ReplyTo, command: Command, plan: Plan, raw: list[Any], client_id: str | None
+    ) -> bytes:
         try:
             return encode_success(reply_to, command.pascal, plan.finish(raw))
+        except RateLimited as exc:
+            audit.refused("rate_limit", client_id, command.name, **exc.details)
+            return encode_error(reply_to, exc)
         except StuiError as exc:
             return encode_error(reply_to, exc)
         except Exception:  # a bug: log it with its stack, answer without one

@@ -13,6 +13,9 @@ Layout (b = two-digit bucket, h = 16-hex client hash):
     stui:{b<b>}:exp              zset    the bucket's sessions, scored by expiry (ms)
     stui:{b<b>}:clients          zset    the bucket's clients, scored by latest expiry
     stui:{b<b>}:r:<digest>       string  replay record of a mutating request
+    stui:{b<b>}:rl:<h>           hash    a client's rate-limit token buckets
+    stui:{policy}:<list>         set     client policy: allow, allow-prefix, deny, deny-prefix
+    stui:{auth}:curve            hash    CURVE public key (Z85) -> client id
 """
 
 from __future__ import annotations
@@ -67,6 +70,19 @@ def bucket_expiry_key(bucket: int) -> str:
 
 def bucket_clients_key(bucket: int) -> str:
     return f"{_tag(bucket)}:clients"
+
+
+def rate_key(chash: str) -> str:
+    return f"{_tag(bucket_of(chash))}:rl:{chash}"
+
+
+def policy_key(list_name: str) -> str:
+    """list_name: allow, allow-prefix, deny or deny-prefix (one hash slot for all)."""
+    return f"{PREFIX}:{{policy}}:{list_name}"
+
+
+def curve_clients_key() -> str:
+    return f"{PREFIX}:{{auth}}:curve"
 
 
 def replay_key(bucket: int, scope: str) -> str:

@@ -9,12 +9,17 @@ Session-scoped scripts share one calling convention:
 
     KEYS[1] session hash        KEYS[2] client index hash
     KEYS[3] bucket expiry zset  KEYS[4] bucket clients zset
-    KEYS[5] replay record key (mutating scripts only)
+    KEYS[5] replay record key (unused by read-only scripts)
+    KEYS[6] the client's rate-limit buckets
     ARGV[1] client id the request names ('' = any)
     ARGV[2] request fingerprint ('' = no replay protection)
     ARGV[3] replay window (ms)
     ARGV[4] session id          ARGV[5] client hash
-    ARGV[6..] script-specific, documented in each header
+    ARGV[6] rate-limit spec 'rate,burst,create_rate,create_burst,is_create' ('' = off)
+    ARGV[7..] script-specific, documented in each header
+
+Rate limiting is the first thing every script does, so it costs no extra
+round trip: a refused request returns {'RATELIMITED', ms until retry}.
 
 Under maxmemory, Redis refuses a script's first write if that command may
 grow memory, and never checks later ones (so as not to break atomicity).
@@ -172,6 +177,44 @@ local function append_fields(reply, want)
 end
 
 local function is_state(f) return string.sub(f, 1, 2) == 's:' end
+
+-- Token buckets in one hash: g (every command) and c (create_session too).
+-- Returns nil when the request may go on (and takes its tokens), else
+-- {'RATELIMITED', ms until a token is back}. A refused request takes nothing.
+local function rate_take(key, spec)
+  if spec == '' then return nil end
+  local rate, burst, crate, cburst, create =
+    string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
+  rate, burst, crate, cburst = tonumber(rate), tonumber(burst), tonumber(crate), tonumber(cburst)
+  local now = now_ms()
+  local b = redis.call('HMGET', key, 'g', 'gt', 'c', 'ct')
+  local function level(tokens, at, r, cap)
+    if not tokens then return cap end
+    return math.min(cap, tonumber(tokens) + (now - tonumber(at)) * r / 1000)
+  end
+  local wait, sets, ttl = 0, {}, 0
+  if rate > 0 then
+    local g = level(b[1], b[2], rate, burst)
+    if g < 1 then wait = math.ceil((1 - g) * 1000 / rate) end
+    sets[#sets + 1] = 'g'; sets[#sets + 1] = string.format('%.4f', g - 1)
+    sets[#sets + 1] = 'gt'; sets[#sets + 1] = str(now)
+    ttl = math.ceil(burst * 1000 / rate)
+  end
+  if create == '1' and crate > 0 then
+    local c = level(b[3], b[4], crate, cburst)
+    if c < 1 then wait = math.max(wait, math.ceil((1 - c) * 1000 / crate)) end
+    sets[#sets + 1] = 'c'; sets[#sets + 1] = string.format('%.4f', c - 1)
+    sets[#sets + 1] = 'ct'; sets[#sets + 1] = str(now)
+    ttl = math.max(ttl, math.ceil(cburst * 1000 / crate))
+  end
+  if wait > 0 then return {'RATELIMITED', wait} end
+  if #sets > 0 then
+    redis.call('HSET', key, unpack(sets))
+    -- A full bucket is the same as no bucket: let the key go once it refills.
+    redis.call('PEXPIRE', key, str(ttl + 1000))
+  end
+  return nil
+end
 """
 
 
@@ -184,10 +227,12 @@ CREATE = _script(
     r"""
 -- create_session
 -- KEYS: common, KEYS[1] is the new session's hash.
--- ARGV[1] client id (required here), ARGV[6] timeout (s), ARGV[7] client_info
---   JSON or '', ARGV[8] max live sessions per client.
+-- ARGV[1] client id (required here), ARGV[7] timeout (s), ARGV[8] client_info
+--   JSON or '', ARGV[9] max live sessions per client.
 -- Returns {'OK', session_id, created_ms, expires_ms} | {'LIMIT', live} | {'REUSED'}
 --   | {'COLLISION'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local now = now_ms()
@@ -197,13 +242,13 @@ for i = 1, #entries, 2 do
   if entry_expiry(entries[i + 1]) <= now then dead[#dead + 1] = entries[i]
   else live = live + 1 end
 end
-if live >= tonumber(ARGV[8]) then return {'LIMIT', live} end
+if live >= tonumber(ARGV[9]) then return {'LIMIT', live} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
-local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[6]), v = 1, a = 1, sb = 0, xb = 0}
+local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1, sb = 0, xb = 0}
 -- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
   'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'rn', '0', 'en', '0', 'eo', '1')
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
@@ -221,6 +266,8 @@ RESTORE = _script(
 -- restore_session: reactivate, refresh, return everything.
 -- ARGV: common only.
 -- Returns {'OK', now_ms, expires_ms, field1, value1, ...} (the whole hash) | {'NOTFOUND'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local now = now_ms()
@@ -238,36 +285,38 @@ UPDATE = _script(
     "update",
     r"""
 -- update_session_state: top-level merge (or replace) of the state.
--- ARGV[6] expected version or '', ARGV[7] '1' to replace the whole state,
---   ARGV[8] max state+context bytes, ARGV[9..] key, JSON value pairs ('' removes the key).
+-- ARGV[7] expected version or '', ARGV[8] '1' to replace the whole state,
+--   ARGV[9] max state+context bytes, ARGV[10..] key, JSON value pairs ('' removes the key).
 -- Returns {'OK', version, last_modified_ms, 's:key', json, ...} (the state after
 --   the update) | {'NOTFOUND'} | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return append_fields(r, is_state) end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= m.v then return {'CONFLICT', m.v} end
-local replace = ARGV[7] == '1'
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
+local replace = ARGV[8] == '1'
 local sb = m.sb
 local old = {}
 if replace then
   sb = 0
   old = prefixed('s:')
 end
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   if not replace then
     local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
     if n > 0 then sb = sb - #ARGV[i] - n end
   end
   if ARGV[i + 1] ~= '' then sb = sb + #ARGV[i] + #ARGV[i + 1] end
 end
-if sb + m.xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
+if sb + m.xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
 local now = now_ms()
 m.v, m.lm, m.sb = m.v + 1, now, sb
 save_meta(m)  -- first write: refused cleanly by a full Redis
 chunked('HDEL', KEYS[1], old)
 local sets, dels = {}, {}
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   if ARGV[i + 1] == '' then dels[#dels + 1] = 's:' .. ARGV[i]
   else sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1] end
 end
@@ -284,15 +333,17 @@ CLOSE = _script(
     "close",
     r"""
 -- close_session.
--- ARGV[6] '1' to keep the session (inactive, restorable) until it expires.
+-- ARGV[7] '1' to keep the session (inactive, restorable) until it expires.
 -- Returns {'OK', state_saved (1/0)} | {'NOTFOUND'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local now = now_ms()
 local saved = 0
-if ARGV[6] == '1' then
+if ARGV[7] == '1' then
   m.a = 0
   redis.call('HSET', KEYS[1], 'a', '0')
   index_put(m, now + redis.call('PTTL', KEYS[1]), now)
@@ -316,6 +367,8 @@ INFO = _script(
 -- ARGV: common only.
 -- Returns {'OK', client_id, created_ms, modified_ms, timeout, version, active,
 --   expires_ms, now_ms, client_info JSON | false} | {'NOTFOUND'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local now = now_ms()
@@ -324,22 +377,35 @@ return {'OK', m.c, m.ca, m.lm, m.to, m.v, m.a, now + redis.call('PTTL', KEYS[1])
 """,
 )
 
-LIST = Script(
+LIST = _script(
     "list",
     r"""
 -- list_client_sessions (no refresh).
--- KEYS[1] client index hash. ARGV: none.
--- Returns {'OK', now_ms, session_id, 'expires|created|modified|timeout|version|active', ...}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- KEYS[1] client index hash, KEYS[2] the client's rate-limit buckets.
+-- ARGV[1] rate-limit spec ('' = off).
+-- Returns {'OK', now_ms, session_id, 'expires|created|modified|timeout|version|active', ...}
+--   | {'RATELIMITED', ms}.
+local limited = rate_take(KEYS[2], ARGV[1])
+if limited then return limited end
+local now = now_ms()
 local out = {'OK', now}
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  local exp = tonumber(string.match(entries[i + 1], '^(%d+)'))
-  if exp <= now then redis.call('HDEL', KEYS[1], entries[i])
+  if entry_expiry(entries[i + 1]) <= now then redis.call('HDEL', KEYS[1], entries[i])
   else out[#out + 1] = entries[i]; out[#out + 1] = entries[i + 1] end
 end
 return out
+""",
+)
+
+RATE = _script(
+    "rate",
+    r"""
+-- The rate limit alone, for commands that otherwise never reach Redis
+-- (ping, describe) or read only bucket indexes (statistics) but name a client.
+-- KEYS[1] the client's rate-limit buckets. ARGV[1] rate-limit spec.
+-- Returns {'OK'} | {'RATELIMITED', ms}.
+return rate_take(KEYS[1], ARGV[1]) or {'OK'}
 """,
 )
 
@@ -360,24 +426,26 @@ SAVE_CONTEXT = _script(
     "save_context",
     r"""
 -- save_context: replace the parts of the context that the request names.
--- ARGV[6] expected version or '', ARGV[7] max state+context bytes,
---   ARGV[8] workspace_context JSON ('-' untouched, '' clear), ARGV[9] its variable count,
---   ARGV[10] inspector_state JSON ('-' untouched, '' clear), ARGV[11] its history length,
---   ARGV[12] its selected object JSON,
+-- ARGV[7] expected version or '', ARGV[8] max state+context bytes,
+--   ARGV[9] workspace_context JSON ('-' untouched, '' clear), ARGV[10] its variable count,
+--   ARGV[11] inspector_state JSON ('-' untouched, '' clear), ARGV[12] its history length,
+--   ARGV[13] its selected object JSON,
 --   then R (registry entry count, -1 untouched) and R pairs object id, entry JSON,
 --   then H (history entry count, -1 untouched) and H entry JSONs, oldest first.
 -- Returns {'OK', version, last_modified_ms, context_bytes} | {'NOTFOUND'}
 --   | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= m.v then return {'CONFLICT', m.v} end
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local xb = m.xb
-local w, ins = ARGV[8], ARGV[10]
+local w, ins = ARGV[9], ARGV[11]
 if w ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'w') + #w end
 if ins ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'i') + #ins end
-local pos = 13
+local pos = 14
 local nreg = tonumber(ARGV[pos])
 local reg_at = pos + 1
 local old_reg, old_hist = {}, {}
@@ -396,14 +464,14 @@ if nhist >= 0 then
   for _, f in ipairs(old_hist) do xb = xb - redis.call('HSTRLEN', KEYS[1], f) end
   for k = 0, nhist - 1 do xb = xb + #ARGV[hist_at + k] end
 end
-if m.sb + xb > tonumber(ARGV[7]) then return {'TOOLARGE'} end
+if m.sb + xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
 local now = now_ms()
 m.v, m.lm, m.xb = m.v + 1, now, xb
 save_meta(m)  -- first write: refused cleanly by a full Redis
 if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
-elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[9]) end
+elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[10]) end
 if ins == '' then redis.call('HDEL', KEYS[1], 'i', 'ih', 'so')
-elseif ins ~= '-' then redis.call('HSET', KEYS[1], 'i', ins, 'ih', ARGV[11], 'so', ARGV[12]) end
+elseif ins ~= '-' then redis.call('HSET', KEYS[1], 'i', ins, 'ih', ARGV[12], 'so', ARGV[13]) end
 if nreg >= 0 then
   chunked('HDEL', KEYS[1], old_reg)
   local sets = {}
@@ -440,6 +508,8 @@ LOAD_CONTEXT = _script(
 -- load_context (refreshes).
 -- ARGV: common only.
 -- Returns {'OK', field, value, ...} for the fields w, i, o:<id> and e:<n> | {'NOTFOUND'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 touch(m, now_ms())
@@ -458,6 +528,8 @@ SUMMARY = _script(
 -- Returns {'OK', variable_count, inspector_history_length, selected_object JSON|false,
 --   registry_size, newest entry number, oldest entry number, context_bytes,
 --   last_modified_ms} | {'NOTFOUND'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local s = redis.call('HMGET', KEYS[1], 'wv', 'ih', 'so', 'rn', 'en', 'eo')
@@ -470,13 +542,15 @@ CLEAR_CONTEXT = _script(
     "clear_context",
     r"""
 -- clear_context.
--- ARGV[6] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
+-- ARGV[7] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
 -- Returns {'OK', version} | {'NOTFOUND'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local parts = ARGV[6]
+local parts = ARGV[7]
 local xb = m.xb
 local del = {}
 local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
@@ -515,16 +589,18 @@ RECORD_EVALUATION = _script(
     "record_evaluation",
     r"""
 -- record_evaluation: append to the history, keeping the newest entries.
--- ARGV[6] entry JSON, ARGV[7] history limit, ARGV[8] max state+context bytes.
+-- ARGV[7] entry JSON, ARGV[8] history limit, ARGV[9] max state+context bytes.
 -- Returns {'OK', evaluation_count, version} | {'NOTFOUND'} | {'TOOLARGE'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local h = redis.call('HMGET', KEYS[1], 'en', 'eo')
 local en, eo = (tonumber(h[1]) or 0) + 1, tonumber(h[2]) or 1
-local limit = tonumber(ARGV[7])
-local xb = m.xb + #ARGV[6]
+local limit = tonumber(ARGV[8])
+local xb = m.xb + #ARGV[7]
 local evict = {}
 while en - eo + 1 > limit do
   local f = 'e:' .. str(eo)
@@ -532,8 +608,8 @@ while en - eo + 1 > limit do
   evict[#evict + 1] = f
   eo = eo + 1
 end
-if m.sb + xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[6], 'en', str(en), 'eo', str(eo))
+if m.sb + xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7], 'en', str(en), 'eo', str(eo))
 chunked('HDEL', KEYS[1], evict)
 local now = now_ms()
 m.v, m.lm, m.xb = m.v + 1, now, xb
@@ -549,21 +625,23 @@ REGISTER_OBJECT = _script(
     "register_object",
     r"""
 -- register_object: add or replace one registry entry.
--- ARGV[6] object id, ARGV[7] entry JSON, ARGV[8] registry cap, ARGV[9] max state+context bytes.
+-- ARGV[7] object id, ARGV[8] entry JSON, ARGV[9] registry cap, ARGV[10] max state+context bytes.
 -- Returns {'OK', registry_size, version} | {'NOTFOUND'} | {'FULL', size} | {'TOOLARGE'}
 --   | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local f = 'o:' .. ARGV[6]
+local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
 local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
-if old == 0 and rn >= tonumber(ARGV[8]) then return {'FULL', rn} end
-local xb = m.xb + #ARGV[7]
-if old == 0 then xb = xb + #ARGV[6]; rn = rn + 1 else xb = xb - old end
-if m.sb + xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], f, ARGV[7], 'rn', str(rn))
+if old == 0 and rn >= tonumber(ARGV[9]) then return {'FULL', rn} end
+local xb = m.xb + #ARGV[8]
+if old == 0 then xb = xb + #ARGV[7]; rn = rn + 1 else xb = xb - old end
+if m.sb + xb > tonumber(ARGV[10]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], f, ARGV[8], 'rn', str(rn))
 local now = now_ms()
 m.v, m.lm, m.xb = m.v + 1, now, xb
 save_meta(m)
@@ -578,13 +656,15 @@ RELEASE_OBJECT = _script(
     "release_object",
     r"""
 -- release_object: drop one registry entry (refreshes even when there was none).
--- ARGV[6] object id.
+-- ARGV[7] object id.
 -- Returns {'OK', released (1/0), registry_size, version} | {'NOTFOUND'} | {'REUSED'}.
+local limited = rate_take(KEYS[6], ARGV[6])
+if limited then return limited end
 local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local f = 'o:' .. ARGV[6]
+local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
 local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
 local now = now_ms()
@@ -594,7 +674,7 @@ if old > 0 then
   rn = rn - 1
   redis.call('HDEL', KEYS[1], f)
   redis.call('HSET', KEYS[1], 'rn', str(rn))
-  m.v, m.lm, m.xb = m.v + 1, now, m.xb - #ARGV[6] - old
+  m.v, m.lm, m.xb = m.v + 1, now, m.xb - #ARGV[7] - old
   save_meta(m)
 end
 touch(m, now)
@@ -611,6 +691,7 @@ ALL_SCRIPTS: tuple[Script, ...] = (
     CLOSE,
     INFO,
     LIST,
+    RATE,
     STATS,
     SAVE_CONTEXT,
     LOAD_CONTEXT,

@@ -38,7 +38,24 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(default=10.0, ge=0)
     batch_max: int = Field(default=256, ge=1)
     cleanup_interval: int = Field(default=300, ge=1)
+
+    # Access control. Rates are per client, shared by every worker through
+    # Redis (token buckets); 0 turns a limit off.
+    rate_limit: float = Field(default=100.0, ge=0)
+    rate_burst: int = Field(default=200, ge=1)
+    create_rate_limit: float = Field(default=1.0, ge=0)
+    create_burst: int = Field(default=20, ge=1)
+    policy_refresh: float = Field(default=0.5, gt=0, le=1.0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    def rate_spec(self, create: bool = False) -> str:
+        """ARGV of the scripts' rate limiter (see service/scripts.py)."""
+        if self.rate_limit == 0 and (not create or self.create_rate_limit == 0):
+            return ""
+        return (
+            f"{self.rate_limit},{self.rate_burst},{self.create_rate_limit},"
+            f"{self.create_burst},{1 if create else 0}"
+        )
 
     @property
     def transport_max_bytes(self) -> int:

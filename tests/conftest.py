@@ -70,7 +70,10 @@ class FrontProcess:
         self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.redis_url = redis_url
-        self.env = {**os.environ, **(env or {})}
+        # The limiter stays on (its code runs on every request) but with room
+        # for the bursts these tests make; tests of rate limiting set their own.
+        generous = {"STUI_RATE_BURST": "1000000", "STUI_CREATE_BURST": "100000"}
+        self.env = {**os.environ, **generous, **(env or {})}
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"stui-front-{self.port}.log"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from service.dispatch import Dispatcher
+from service.policy import PolicyCache
 from service.settings import Settings
+from workers.refresher import Refresher
 from service.store import Store, connect
 
 
@@ -16,7 +18,9 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
-def build_dispatcher(settings: Settings) -> Dispatcher:
+def build_dispatcher(settings: Settings, authenticated: bool = False) -> Dispatcher:
     assert settings.redis_url, "the entry point checks that a Redis is configured"
-    store = Store(connect(settings.redis_url, settings.storage_timeout))
-    return Dispatcher(settings, store)
+    client = connect(settings.redis_url, settings.storage_timeout)
+    policy = PolicyCache(client)
+    Refresher([policy.refresh], settings.policy_refresh).start()
+    return Dispatcher(settings, Store(client), policy, authenticated=authenticated)

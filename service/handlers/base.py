@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import codec, keys
+from service import codec, keys, scripts
 from service.errors import (
     InternalError,
     InvalidRequest,
     PayloadTooLarge,
+    RateLimited,
     RegistryFull,
     SessionLimitExceeded,
     SessionNotFound,
@@ -47,6 +48,8 @@ class Ctx:
     params: dict[str, Any]
     started_at: float = 0.0
     command_names: Sequence[str] = field(default_factory=tuple)
+    rate_spec: str = ""  # settings.rate_spec(), computed once per worker
+    create_rate_spec: str = ""
 
 
 @dataclass(slots=True)
@@ -73,6 +76,9 @@ def check(raw: Any, settings: Settings) -> list[Any]:
     status = raw[0]
     if status == b"OK":
         return list(raw)
+    if status == b"RATELIMITED":
+        wait_ms = int(raw[1])
+        raise RateLimited(retry_after=max(1, -(-wait_ms // 1000)))
     if status == b"NOTFOUND":
         raise SessionNotFound()
     if status == b"CONFLICT":
@@ -123,19 +129,40 @@ def session_call(
 ) -> Call:
     """A call of a session-scoped script (see service/scripts.py for the convention)."""
     chash = keys.chash_of_session(session_id)
+    if client_id is not None and keys.client_hash(client_id) != chash:
+        # Another client's session: invisible, and no reason to ask Redis.
+        raise SessionNotFound()
     bucket = keys.bucket_of(chash)
     fp = fingerprint(ctx) if replay else ""
     key_list = keys.session_keys(session_id)
     key_list.append(keys.replay_key(bucket, replay_scope(ctx, session_id) if fp else ""))
+    key_list.append(keys.rate_key(chash))
     args: list[Arg] = [
         client_id or "",
         fp,
         ctx.settings.replay_window * 1000,
         session_id,
         chash,
+        ctx.rate_spec,
         *extra,
     ]
     return Call(script, key_list, args)
+
+
+def rate_limited(ctx: Ctx, client_id: str | None, plan: Plan) -> Plan:
+    """The plan, behind the client's rate limit, for a command whose calls do
+    not touch that client's keys (or that makes none). A request that names
+    no client is not limited."""
+    if client_id is None or not ctx.rate_spec:
+        return plan
+    rate = Call(scripts.RATE, [keys.rate_key(keys.client_hash(client_id))], [ctx.rate_spec])
+    inner = plan.finish
+
+    def finish(raw: list[Any]) -> Result:
+        check(raw[0], ctx.settings)
+        return inner(raw[1:])
+
+    return Plan([rate, *plan.calls], finish)
 
 
 def require_session_id(session_id: str) -> str:

@@ -14,6 +14,7 @@ from service.handlers.base import (
     encode_value,
     expiry_fields,
     fingerprint,
+    rate_limited,
     replay_scope,
     require_session_id,
     session_call,
@@ -33,12 +34,14 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     fp = fingerprint(ctx)
     key_list = keys.session_keys(sid)
     key_list.append(keys.replay_key(bucket, replay_scope(ctx, p.client_id) if fp else ""))
+    key_list.append(keys.rate_key(chash))
     args: list[Arg] = [
         p.client_id,
         fp,
         s.replay_window * 1000,
         sid,
         chash,
+        ctx.create_rate_spec,
         timeout,
         info,
         s.max_sessions_per_client,
@@ -201,7 +204,7 @@ def close_session(p: models.CloseSession, ctx: Ctx) -> Plan:
 
 def list_client_sessions(p: models.ListClientSessions, ctx: Ctx) -> Plan:
     chash = keys.client_hash(p.client_id)
-    call = Call(scripts.LIST, [keys.client_index_key(chash)], [])
+    call = Call(scripts.LIST, [keys.client_index_key(chash), keys.rate_key(chash)], [ctx.rate_spec])
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
@@ -252,4 +255,4 @@ def get_session_statistics(p: models.NoParams, ctx: Ctx) -> Plan:
             "replay_window": s.replay_window,
         }
 
-    return Plan(calls, finish)
+    return rate_limited(ctx, p.client_id, Plan(calls, finish))

@@ -1,11 +1,11 @@
-"""Commands about the service itself; they never touch Redis."""
+"""Commands about the service itself: no Redis, but for the caller's rate limit."""
 
 from __future__ import annotations
 
 import time
 
 from service import keys, models
-from service.handlers.base import Ctx, Plan, immediate
+from service.handlers.base import Ctx, Plan, immediate, rate_limited
 from service.models import CLIENT_ID_PATTERN
 from service.protocol import MAX_ID_LENGTH, PROTOCOL_VERSION, SUPPORTED_VERSIONS
 
@@ -13,43 +13,55 @@ SERVER_VERSION = "0.1.0"
 
 
 def ping(p: models.Ping, ctx: Ctx) -> Plan:
-    return immediate(
-        {
-            "message": p.message if p.message is not None else "pong",
-            "status": "ready",
-            "uptime": int(time.monotonic() - ctx.started_at),
-            "server_version": SERVER_VERSION,
-        }
+    return rate_limited(
+        ctx,
+        p.client_id,
+        immediate(
+            {
+                "message": p.message if p.message is not None else "pong",
+                "status": "ready",
+                "uptime": int(time.monotonic() - ctx.started_at),
+                "server_version": SERVER_VERSION,
+            }
+        ),
     )
 
 
 def describe(p: models.NoParams, ctx: Ctx) -> Plan:
     s = ctx.settings
-    return immediate(
-        {
-            "commands": list(ctx.command_names),
-            "server_version": SERVER_VERSION,
-            "protocol": {
-                "version": PROTOCOL_VERSION,
-                "versions": SUPPORTED_VERSIONS,
-                "encodings": ["command", "envelope"],
-            },
-            "limits": {
-                "max_sessions_per_client": s.max_sessions_per_client,
-                "default_timeout": s.default_timeout,
-                "min_timeout": models.MIN_TIMEOUT,
-                "max_timeout": models.MAX_TIMEOUT,
-                "history_limit": s.history_limit,
-                "max_state_bytes": s.max_state_bytes,
-                "max_registry_size": s.max_registry_size,
-                "max_request_bytes": s.max_request_bytes,
-                "transport_max_bytes": s.transport_max_bytes,
-                "replay_window": s.replay_window,
-                "max_id_length": MAX_ID_LENGTH,
-                "client_id_pattern": CLIENT_ID_PATTERN,
-                "storage_timeout": s.storage_timeout,
-                "cleanup_interval": s.cleanup_interval,
-                "session_id_length": len(keys.new_session_id("0" * keys.CLIENT_HASH_LEN)),
-            },
-        }
+    return rate_limited(
+        ctx,
+        p.client_id,
+        immediate(
+            {
+                "commands": list(ctx.command_names),
+                "server_version": SERVER_VERSION,
+                "protocol": {
+                    "version": PROTOCOL_VERSION,
+                    "versions": SUPPORTED_VERSIONS,
+                    "encodings": ["command", "envelope"],
+                },
+                "limits": {
+                    "max_sessions_per_client": s.max_sessions_per_client,
+                    "default_timeout": s.default_timeout,
+                    "min_timeout": models.MIN_TIMEOUT,
+                    "max_timeout": models.MAX_TIMEOUT,
+                    "history_limit": s.history_limit,
+                    "max_state_bytes": s.max_state_bytes,
+                    "max_registry_size": s.max_registry_size,
+                    "max_request_bytes": s.max_request_bytes,
+                    "transport_max_bytes": s.transport_max_bytes,
+                    "replay_window": s.replay_window,
+                    "max_id_length": MAX_ID_LENGTH,
+                    "client_id_pattern": CLIENT_ID_PATTERN,
+                    "storage_timeout": s.storage_timeout,
+                    "cleanup_interval": s.cleanup_interval,
+                    "rate_limit": s.rate_limit,
+                    "rate_burst": s.rate_burst,
+                    "create_rate_limit": s.create_rate_limit,
+                    "create_burst": s.create_burst,
+                    "session_id_length": len(keys.new_session_id("0" * keys.CLIENT_HASH_LEN)),
+                },
+            }
+        ),
     )
