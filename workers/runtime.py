@@ -7,8 +7,8 @@ import logging
 from service.dispatch import Dispatcher
 from service.policy import PolicyCache
 from service.settings import Settings
-from workers.refresher import Refresher
 from service.store import Store, connect
+from workers.refresher import Refresher
 
 
 def configure_logging(settings: Settings) -> None:
