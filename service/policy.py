@@ -13,12 +13,14 @@ in force such a request must name its client id.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis
 
 from service import keys
+from service.models import CLIENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +114,36 @@ class PolicyCache:
             self.policy = read_policy(self.client)
         except (redis.RedisError, OSError) as exc:
             log.warning("policy not refreshed: %s", type(exc).__name__)
+
+
+_RULE = re.compile(CLIENT_ID_PATTERN)
+
+
+def _list_name(kind: str, prefix: bool) -> str:
+    return f"{kind}-prefix" if prefix else kind
+
+
+def add_rule(client: redis.Redis, kind: str, value: str, prefix: bool = False) -> None:
+    """kind: allow or deny. Values follow the client id pattern."""
+    if kind not in ("allow", "deny"):
+        raise ValueError("kind is allow or deny")
+    if not _RULE.fullmatch(value):
+        raise ValueError(f"{value!r} does not match the client id pattern {CLIENT_ID_PATTERN}")
+    client.sadd(keys.policy_key(_list_name(kind, prefix)), value)
+
+
+def remove_rule(client: redis.Redis, value: str, prefix: bool = False) -> int:
+    """Remove value from both lists; the number of lists it was in."""
+    pipe = client.pipeline(transaction=False)
+    for kind in ("allow", "deny"):
+        pipe.srem(keys.policy_key(_list_name(kind, prefix)), value)
+    return sum(int(n) for n in pipe.execute())
+
+
+def describe_policy(policy: Policy) -> dict[str, list[str]]:
+    return {
+        "allow": sorted(policy.allow),
+        "allow-prefix": list(policy.allow_prefixes),
+        "deny": sorted(policy.deny),
+        "deny-prefix": list(policy.deny_prefixes),
+    }

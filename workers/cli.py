@@ -12,6 +12,7 @@ from typing import Any
 
 from service import codec
 from service.settings import Settings
+from workers import cli_admin
 from workers.client import Client, NoReply
 from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--retries", type=int, default=2)
     call.add_argument("--encoding", choices=["command", "envelope"], default="command")
     call.set_defaults(func=cmd_call)
+    cli_admin.register(sub)
     return parser
 
 
