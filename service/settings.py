@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     create_rate_limit: float = Field(default=1.0, ge=0)
     create_burst: int = Field(default=20, ge=1)
     policy_refresh: float = Field(default=0.5, gt=0, le=1.0)
+
+    # CURVE authentication of the front socket (off by default). The server's
+    # key pair comes from the two Z85 keys, or from a secret certificate file
+    # written by `stui-sessions keys generate`.
+    curve: bool = False
+    curve_public_key: str | None = None
+    curve_secret_key: SecretStr | None = None
+    curve_key_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     def rate_spec(self, create: bool = False) -> str:

@@ -18,7 +18,7 @@ import zmq
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store
-from workers.client import Client
+from workers.client import Client, CurveKeys
 from workers.embedded_redis import EmbeddedRedis, RedisNotFound, find_redis_server, free_port
 
 
@@ -66,7 +66,9 @@ class FrontProcess:
         env: dict[str, str] | None = None,
         workers: int = 1,
         port: int | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
+        self.curve = curve  # keys the readiness probe authenticates with
         self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.redis_url = redis_url
@@ -98,7 +100,7 @@ class FrontProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        with Client(self.endpoint, timeout=0.5, retries=0) as client:
+        with Client(self.endpoint, timeout=0.5, retries=0, curve=self.curve) as client:
             while True:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
@@ -129,9 +131,13 @@ def start_front(redis_server: EmbeddedRedis) -> Iterator[Callable[..., FrontProc
     started: list[FrontProcess] = []
 
     def start(
-        env: dict[str, str] | None = None, workers: int = 1, redis_url: str | None = None
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        redis_url: str | None = None,
+        curve: CurveKeys | None = None,
     ) -> FrontProcess:
-        front = FrontProcess(redis_url or redis_server.url, env=env, workers=workers).start()
+        url = redis_url or redis_server.url
+        front = FrontProcess(url, env=env, workers=workers, curve=curve).start()
         started.append(front)
         return front
 

@@ -13,7 +13,7 @@ from typing import Any
 from service import codec
 from service.settings import Settings
 from workers import cli_admin
-from workers.client import Client, NoReply
+from workers.client import Client, CurveKeys, NoReply
 from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
 from workers.multiproc import WorkerPool
@@ -35,7 +35,8 @@ def _run_fronts(settings: Settings) -> None:
     if settings.workers > 1:
         WorkerPool(settings, settings.bind, settings.workers).run()
         return
-    worker = FrontWorker(settings, build_dispatcher(settings), settings.bind)
+    dispatcher, client_keys = build_dispatcher(settings)
+    worker = FrontWorker(settings, dispatcher, settings.bind, client_keys=client_keys)
     worker.install_signal_handlers()
     worker.run()
 
@@ -88,8 +89,18 @@ def cmd_call(args: argparse.Namespace) -> int:
             print(f"parameters are key=value, got {item!r}", file=sys.stderr)
             return 2
         params[key] = _parse_value(value)
+    curve = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            print("CURVE needs both --server-key and --client-key", file=sys.stderr)
+            return 2
+        curve = CurveKeys.from_files(args.server_key, args.client_key)
     with Client(
-        args.endpoint, timeout=args.timeout, retries=args.retries, encoding=args.encoding
+        args.endpoint,
+        timeout=args.timeout,
+        retries=args.retries,
+        encoding=args.encoding,
+        curve=curve,
     ) as client:
         try:
             reply = client.request(args.command_name, params)
@@ -147,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=5.0)
     call.add_argument("--retries", type=int, default=2)
     call.add_argument("--encoding", choices=["command", "envelope"], default="command")
+    call.add_argument("--server-key", help="CURVE: the server's public key file")
+    call.add_argument("--client-key", help="CURVE: this client's secret key file")
     call.set_defaults(func=cmd_call)
     cli_admin.register(sub)
+    cli_admin.register_keys(sub)
     return parser
 
 

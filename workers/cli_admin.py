@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import redis
+import zmq.auth
 
-from service import policy
+from service import auth, policy
 from service.settings import Settings
+from workers.curve import generate_key_pair
 
 
 def _redis(args: argparse.Namespace) -> redis.Redis:
@@ -59,3 +62,57 @@ def register(sub: Any) -> None:
     p.add_argument("--prefix", action="store_true", help="the ids are prefixes")
     add_redis_flag(p)
     p.set_defaults(func=cmd_policy)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        public_file, secret_file = generate_key_pair(args.dir, args.name)
+        public, _ = zmq.auth.load_certificate(str(public_file))
+        print(
+            json.dumps(
+                {
+                    "public_key": public.decode(),
+                    "public_file": str(public_file),
+                    "secret_file": str(secret_file),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    client = _redis(args)
+    try:
+        if args.action == "add":
+            auth.add_client_key(client, args.client_id, args.public_key)
+        elif args.action == "remove" and not auth.remove_client_key(client, args.target):
+            print(f"{args.target}: no such client or key", file=sys.stderr)
+            return 1
+        # list (and after a change): public keys only, never a secret
+        print(json.dumps(auth.read_client_keys(client), indent=2, sort_keys=True))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
+def register_keys(sub: Any) -> None:
+    keys = sub.add_parser(
+        "keys",
+        help="CURVE keys: generate a pair, register or remove a client's public key",
+        description="Every front worker applies a change within policy_refresh seconds. "
+        "A Z85 key may start with '-': put '--' before the positional arguments.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+    gen = actions.add_parser("generate", help="write NAME.key (public) and NAME.key_secret")
+    gen.add_argument("--dir", type=Path, default=Path("."), help="where to write")
+    gen.add_argument("--name", default="server", help="file name stem")
+    add = actions.add_parser("add", help="register a client's public key (Z85)")
+    add.add_argument("client_id")
+    add.add_argument("public_key")
+    remove = actions.add_parser("remove", help="unregister a public key, or all of a client's")
+    remove.add_argument("target", metavar="CLIENT_ID|PUBLIC_KEY")
+    listing = actions.add_parser("list", help="registered public keys and their client ids")
+    for p in (add, remove, listing):
+        add_redis_flag(p)
+    keys.set_defaults(func=cmd_keys)

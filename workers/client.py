@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import zmq
+import zmq.auth
 
 from service import codec
 
@@ -43,6 +44,24 @@ class ClientStats:
     endpoints_tried: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE keys in Z85: the server's public key, and this client's pair."""
+
+    server_public: str
+    public: str
+    secret: str
+
+    @classmethod
+    def from_files(cls, server_public_file: str, client_secret_file: str) -> CurveKeys:
+        """Certificate files as written by `stui-sessions keys generate`."""
+        server_public, _ = zmq.auth.load_certificate(server_public_file)
+        public, secret = zmq.auth.load_certificate(client_secret_file)
+        if not secret:
+            raise ValueError(f"{client_secret_file} holds no secret key")
+        return cls(server_public.decode(), public.decode(), secret.decode())
+
+
 def _pascal(command: str) -> str:
     return "".join(part.capitalize() for part in command.split("_"))
 
@@ -58,6 +77,7 @@ class Client:
         retry_unavailable: bool = True,
         backoff: float = 0.2,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -68,6 +88,7 @@ class Client:
         self.retry_unavailable = retry_unavailable
         self.backoff = backoff
         self.context = context or zmq.Context.instance()
+        self.curve = curve
         self.stats = ClientStats()
         self._current = 0
         self._sock: zmq.Socket[bytes] | None = None
@@ -179,5 +200,9 @@ class Client:
         self.stats.endpoints_tried.append(endpoint)
         sock = self.context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            sock.curve_serverkey = self.curve.server_public.encode("ascii")
+            sock.curve_publickey = self.curve.public.encode("ascii")
+            sock.curve_secretkey = self.curve.secret.encode("ascii")
         sock.connect(endpoint)
         self._sock = sock

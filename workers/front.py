@@ -20,10 +20,12 @@ from types import FrameType
 
 import zmq
 
+from service.auth import ClientKeyCache
 from service.dispatch import Dispatcher
 from service.errors import InvalidRequest
 from service.protocol import ReplyTo, encode_error
 from service.settings import Settings
+from workers.curve import CurveServer
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,23 @@ class FrontWorker:
         connect: bool = False,
         routing_frames: int = 1,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        client_keys: ClientKeyCache | None = None,
+        forwarded_identity: bool = False,
     ) -> None:
         """connect/routing_frames: behind the multi-process proxy the worker
-        connects to it, and each message carries the proxy's routing id too."""
+        connects to it, and each message carries the proxy's routing id too.
+        client_keys: CURVE is on; with forwarded_identity the proxy did the
+        handshake and put the client's public key in the frame after its own
+        routing id, else this worker's socket is the CURVE server."""
         self.settings = settings
         self.dispatcher = dispatcher
         self.endpoint = endpoint
         self.connect = connect
         self.routing_frames = routing_frames
         self.context = context or zmq.Context.instance()
+        self.client_keys = client_keys
+        self.forwarded_identity = forwarded_identity
+        self.curve: CurveServer | None = None
         self.stopping = False
         self.served = 0
         self._drain_deadline = 0.0
@@ -74,6 +84,9 @@ class FrontWorker:
         sock.setsockopt(zmq.LINGER, int(self.settings.shutdown_grace * 1000))
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.client_keys is not None and not self.forwarded_identity:
+            self.curve = CurveServer(self.context, self.settings, self.client_keys).start()
+            self.curve.secure(sock)
         if self.connect:
             sock.connect(self.endpoint)
         else:
@@ -93,6 +106,8 @@ class FrontWorker:
         finally:
             remaining = max(0.0, self._drain_deadline - time.monotonic())
             sock.close(linger=int(remaining * 1000))
+            if self.curve is not None:
+                self.curve.stop()
             log.info("front worker stopped after %d requests", self.served)
 
     def drain(self, sock: zmq.Socket[bytes]) -> None:
@@ -109,10 +124,11 @@ class FrontWorker:
     def serve_available(self, sock: zmq.Socket[bytes]) -> None:
         envelopes: list[list[bytes]] = []
         bodies: list[bytes] = []
+        identities: list[str | None] = []
         bad: list[list[bytes]] = []
         for _ in range(self.settings.batch_max):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames, public_key = self._receive(sock)
             except zmq.Again:
                 break
             envelope, body = self._split(frames)
@@ -121,12 +137,27 @@ class FrontWorker:
             else:
                 envelopes.append(envelope)
                 bodies.append(body)
+                if self.client_keys is not None:
+                    identities.append(self.client_keys.client_for(public_key))
         for envelope in bad:
             self._send(sock, envelope, _extra_frames_reply())
         if bodies:
-            for envelope, reply in zip(envelopes, self.dispatcher.handle(bodies), strict=True):
+            replies = self.dispatcher.handle(
+                bodies, identities if self.client_keys is not None else None
+            )
+            for envelope, reply in zip(envelopes, replies, strict=True):
                 self._send(sock, envelope, reply)
         self.served += len(bodies) + len(bad)
+
+    def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
+        """The frames, and with CURVE the public key (Z85) that sent them."""
+        if self.client_keys is None:
+            return sock.recv_multipart(zmq.NOBLOCK), None
+        if self.forwarded_identity:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            return [frames[0], *frames[2:]], frames[1].decode("ascii", "replace")
+        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        return [p.bytes for p in parts], str(parts[-1].get("User-Id"))
 
     def _split(self, frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
         """(reply envelope, body); body is None when the frames are malformed."""

@@ -22,7 +22,11 @@ from typing import Any
 
 import zmq
 
+from service.auth import ClientKeyCache
 from service.settings import Settings
+from service.store import connect
+from workers.curve import CurveServer
+from workers.refresher import Refresher
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,15 @@ def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
 
     settings = Settings(**settings_data)
     configure_logging(settings)
+    dispatcher, client_keys = build_dispatcher(settings)
     worker = FrontWorker(
-        settings, build_dispatcher(settings), backend, connect=True, routing_frames=2
+        settings,
+        dispatcher,
+        backend,
+        connect=True,
+        routing_frames=2,
+        client_keys=client_keys,
+        forwarded_identity=client_keys is not None,
     )
     worker.install_signal_handlers()
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
@@ -52,6 +63,7 @@ class WorkerPool:
         self.backend = f"ipc://{Path(self._dir) / 'backend.sock'}"
         self._mp = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess] = []
+        self.curve: CurveServer | None = None
         self._restart_at: dict[int, float] = {}
         self._started: dict[int, float] = {}
         self._failures = 0
@@ -74,6 +86,9 @@ class WorkerPool:
         front.setsockopt(zmq.MAXMSGSIZE, self.settings.transport_max_bytes)
         front.setsockopt(zmq.RCVHWM, 10_000)
         front.setsockopt(zmq.SNDHWM, 10_000)
+        self.curve = self._curve(ctx)
+        if self.curve is not None:
+            self.curve.secure(front)
         front.bind(self.endpoint)
         back = ctx.socket(zmq.DEALER)
         back.setsockopt(zmq.RCVHWM, 10_000)
@@ -90,7 +105,7 @@ class WorkerPool:
         try:
             while not self.stopping:
                 for sock, _ in poller.poll(100):
-                    self._relay(sock, back if sock is front else front)
+                    self._relay(sock, back if sock is front else front, sock is front)
                 self._replace_dead()
             # Requests already queued here are in flight for their clients:
             # pass them on until the front has been quiet for a moment.
@@ -103,9 +118,9 @@ class WorkerPool:
             deadline = time.monotonic() + self.settings.shutdown_grace + 1
             while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
                 if poller.poll(50):
-                    self._relay(back, front)
+                    self._relay(back, front, False)
             while back.poll(0):
-                self._relay(back, front)
+                self._relay(back, front, False)
         finally:
             for proc in self.procs:
                 if proc.is_alive():
@@ -113,6 +128,8 @@ class WorkerPool:
                 proc.join(1)
             front.close(linger=1000)
             back.close(linger=0)
+            if self.curve is not None:
+                self.curve.stop()
             ctx.term()
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -125,13 +142,28 @@ class WorkerPool:
             for sock, _ in poller.poll(20):
                 if sock is front:
                     quiet_since = time.monotonic()
-                self._relay(sock, back if sock is front else front)
+                self._relay(sock, back if sock is front else front, sock is front)
 
-    @staticmethod
-    def _relay(src: zmq.Socket[bytes], dst: zmq.Socket[bytes]) -> None:
+    def _curve(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> CurveServer | None:
+        """With CURVE on, this process does the handshakes (its own key cache
+        answers ZAP) and forwards each client's public key to the workers."""
+        if not self.settings.curve:
+            return None
+        assert self.settings.redis_url
+        cache = ClientKeyCache(connect(self.settings.redis_url, self.settings.storage_timeout))
+        Refresher([cache.refresh], self.settings.policy_refresh).start()
+        return CurveServer(ctx, self.settings, cache).start()
+
+    def _relay(self, src: zmq.Socket[bytes], dst: zmq.Socket[bytes], inbound: bool) -> None:
+        identify = inbound and self.curve is not None
         for _ in range(1000):
             try:
-                frames = src.recv_multipart(zmq.NOBLOCK)
+                if identify:
+                    parts = src.recv_multipart(zmq.NOBLOCK, copy=False)
+                    key = str(parts[-1].get("User-Id")).encode("ascii")
+                    frames = [key, *(p.bytes for p in parts)]
+                else:
+                    frames = src.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from service.auth import ClientKeyCache
 from service.dispatch import Dispatcher
 from service.policy import PolicyCache
 from service.settings import Settings
@@ -18,9 +19,14 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
-def build_dispatcher(settings: Settings, authenticated: bool = False) -> Dispatcher:
+def build_dispatcher(settings: Settings) -> tuple[Dispatcher, ClientKeyCache | None]:
+    """The dispatcher, and with CURVE on the cache of client keys it trusts;
+    both caches are refreshed by one background thread."""
     assert settings.redis_url, "the entry point checks that a Redis is configured"
     client = connect(settings.redis_url, settings.storage_timeout)
     policy = PolicyCache(client)
-    Refresher([policy.refresh], settings.policy_refresh).start()
-    return Dispatcher(settings, Store(client), policy, authenticated=authenticated)
+    key_cache = ClientKeyCache(client) if settings.curve else None
+    refreshers = [policy.refresh] + ([key_cache.refresh] if key_cache else [])
+    Refresher(refreshers, settings.policy_refresh).start()
+    dispatcher = Dispatcher(settings, Store(client), policy, authenticated=settings.curve)
+    return dispatcher, key_cache

@@ -1,0 +1,70 @@
+"""CURVE client keys: which public key belongs to which client id.
+
+Kept in Redis (one hash: public key in Z85 -> client id) so that every front
+worker sees a new or removed key within `policy_refresh` seconds. Only
+public keys are stored; a client's secret key never leaves the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import redis
+
+from service import keys
+from service.models import CLIENT_ID_PATTERN
+
+log = logging.getLogger(__name__)
+
+Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
+
+
+def check_public_key(key: str) -> str:
+    if not Z85_KEY.fullmatch(key):
+        raise ValueError("a CURVE public key is 40 characters of Z85")
+    return key
+
+
+def add_client_key(client: redis.Redis, client_id: str, public_key: str) -> None:
+    if not _CLIENT_ID.fullmatch(client_id):
+        raise ValueError(f"{client_id!r} does not match the client id pattern")
+    client.hset(keys.curve_clients_key(), check_public_key(public_key), client_id)
+
+
+def remove_client_key(client: redis.Redis, client_id_or_key: str) -> int:
+    """Remove one public key, or every key of a client id; how many went."""
+    registry = keys.curve_clients_key()
+    mapping = read_client_keys(client)
+    doomed = [k for k, cid in mapping.items() if client_id_or_key in (k, cid)]
+    if doomed:
+        client.hdel(registry, *doomed)
+    return len(doomed)
+
+
+def read_client_keys(client: redis.Redis) -> dict[str, str]:
+    raw = client.hgetall(keys.curve_clients_key())
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class ClientKeyCache:
+    """Public key -> client id as last read from Redis; refreshed by the
+    runtime off the request path. Unknown or removed keys map to None."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.keys: dict[str, str] = {}
+
+    def client_for(self, public_key: str | None) -> str | None:
+        return self.keys.get(public_key) if public_key else None
+
+    def refresh(self) -> None:
+        try:
+            self.keys = read_client_keys(self.client)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("client keys not refreshed: %s", type(exc).__name__)
