@@ -12,7 +12,7 @@ from typing import Any
 
 from service import codec
 from service.settings import Settings
-from workers import cli_admin
+from workers import cli_admin, cli_http, cli_ops
 from workers.client import Client, CurveKeys, NoReply
 from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
     cli_admin.register(sub)
     cli_admin.register_keys(sub)
+    cli_ops.register(sub)
+    cli_http.register(sub)
     return parser
 
 
