@@ -59,6 +59,7 @@ class ClientKeyCache:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.keys: dict[str, str] = {}
+        self.failing = False  # log the change of state, not every failed read
 
     def client_for(self, public_key: str | None) -> str | None:
         return self.keys.get(public_key) if public_key else None
@@ -67,4 +68,10 @@ class ClientKeyCache:
         try:
             self.keys = read_client_keys(self.client)
         except (redis.RedisError, OSError) as exc:
-            log.warning("client keys not refreshed: %s", type(exc).__name__)
+            if not self.failing:
+                log.warning("client keys not refreshed (keeping the last): %s", type(exc).__name__)
+            self.failing = True
+        else:
+            if self.failing:
+                log.info("client keys refreshed again")
+            self.failing = False

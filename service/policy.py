@@ -105,6 +105,7 @@ class PolicyCache:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.policy = Policy()
+        self.failing = False  # log the change of state, not every failed read
 
     def current(self) -> Policy:
         return self.policy
@@ -113,7 +114,13 @@ class PolicyCache:
         try:
             self.policy = read_policy(self.client)
         except (redis.RedisError, OSError) as exc:
-            log.warning("policy not refreshed: %s", type(exc).__name__)
+            if not self.failing:
+                log.warning("policy not refreshed (keeping the last one): %s", type(exc).__name__)
+            self.failing = True
+        else:
+            if self.failing:
+                log.info("policy refreshed again")
+            self.failing = False
 
 
 _RULE = re.compile(CLIENT_ID_PATTERN)

@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from service.errors import StorageUnavailable
 from service.scripts import ALL_SCRIPTS, Script
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,28 @@ def _is_transient(result: Any) -> bool:
     )
 
 
-def connect(url: str, timeout: float) -> redis.Redis:
+def connect(url: str, timeout: float, password: str | None = None) -> redis.Redis:
     """A client that fails fast: no hidden retries (a retried pipeline could
-    outlive the caller's deadline), connect and read bounded by `timeout`."""
+    outlive the caller's deadline), connect and read bounded by `timeout`.
+    A password given here wins over one in the URL."""
+    extra: dict[str, Any] = {"password": password} if password else {}
     return redis.Redis.from_url(
         url,
+        **extra,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
     )
+
+
+def redis_for(settings: Settings) -> redis.Redis:
+    """The Redis client every role uses, from the settings (URL, password, timeout)."""
+    if not settings.redis_url:
+        raise ValueError("no Redis configured")
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return connect(settings.redis_url, settings.storage_timeout, password)
 
 
 class Store:

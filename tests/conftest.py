@@ -95,7 +95,11 @@ class FrontProcess:
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(sig=9)  # never leave an orphan behind a failed start
+            raise
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:

@@ -85,6 +85,7 @@ def test_deny_and_allow_lists_apply_to_every_worker_within_a_second(
         clients[0].call("create_session", client_id="alice")
 
         policy_cli(redis_server.url, "deny", "mallory")
+        changed = time.monotonic()  # the change is in Redis by now
         for c in clients:
             took = wait_for(
                 lambda c=c: (
@@ -105,11 +106,15 @@ def test_deny_and_allow_lists_apply_to_every_worker_within_a_second(
             ("describe", {"client_id": "mallory"}),
             ("get_session_statistics", {"client_id": "mallory"}),
         ]
+        # One second after the change every worker process applies it, the
+        # two behind the multi-process front included (each has its own cache).
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - changed)))
         for command, params in commands:
             assert code_of(clients[1], command, **params) == "ClientNotAllowed", command
         assert code_of(clients[1], "ping", client_id="alice") == "ok"
 
         policy_cli(redis_server.url, "allow", "team-", "--prefix")
+        changed = time.monotonic()
         for c in clients:
             wait_for(
                 lambda c=c: (
@@ -118,6 +123,7 @@ def test_deny_and_allow_lists_apply_to_every_worker_within_a_second(
                 ),
                 within=1.0,
             )
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - changed)))
         assert code_of(clients[0], "create_session", client_id="team-7") == "ok"
         assert code_of(clients[0], "ping") == "ClientNotAllowed"  # anonymous, allow list on
 
@@ -242,12 +248,41 @@ def test_refusals_are_audited_as_json_lines(
         c.call("create_session", client_id="quick")
         assert code_of(c, "create_session", client_id="quick") == "RateLimited"
     lines = [
-        json.loads(line[line.index("{") :])
+        json.loads(line)  # audit lines are bare JSON objects
         for line in front.log.read_text().splitlines()
-        if "stui.audit" in line
+        if line.startswith('{"ts"')
     ]
     reasons = {(a["reason"], a["client_id"]) for a in lines}
     assert ("policy", "eve") in reasons and ("rate_limit", "quick") in reasons
     assert all(a["event"] == "refused" for a in lines)
     text = front.log.read_text()
     assert "Traceback" not in text
+
+
+def test_other_requests_do_not_refill_the_create_bucket(
+    start_front: Callable[..., FrontProcess], redis_client: redis.Redis, zmq_context: Ctx
+) -> None:
+    """The buckets' key lives until both would be full: a cheap request must
+    not shorten it and hand back spent create tokens."""
+    front = start_front(env={"STUI_RATE_LIMIT": "100", "STUI_RATE_BURST": "100",
+                             "STUI_CREATE_RATE_LIMIT": "0.1", "STUI_CREATE_BURST": "2"})
+    with Client(front.endpoint, timeout=5, retries=0, context=zmq_context) as c:
+        assert [code_of(c, "create_session", client_id="saver") for _ in range(3)] == [
+            "ok", "ok", "RateLimited"]
+        c.call("ping", client_id="saver")  # the general bucket refills in 1 s
+        time.sleep(2.2)
+        assert code_of(c, "create_session", client_id="saver") == "RateLimited"
+
+
+def test_malformed_client_id_is_invalid_even_under_an_allow_list(
+    start_front: Callable[..., FrontProcess], redis_client: redis.Redis,
+    redis_server: EmbeddedRedis, zmq_context: Ctx,
+) -> None:
+    front = start_front()
+    policy_cli(redis_server.url, "allow", "friend")
+    with Client(front.endpoint, timeout=5, retries=0, context=zmq_context) as c:
+        wait_for(lambda: code_of(c, "ping", client_id="stranger") == "ClientNotAllowed", 1.0)
+        reply = c.request("create_session", {"client_id": "x" * 300})
+        assert reply["error_type"] == "InvalidRequest"
+        assert reply["details"] == {"field": "client_id"}
+    assert "x" * 300 not in front.log.read_text()

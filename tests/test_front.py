@@ -333,3 +333,36 @@ def test_full_or_read_only_redis_is_storage_unavailable_and_changes_nothing(
     finally:
         admin.close()
         server.stop()
+
+
+def test_redis_password_from_the_environment(
+    start_front: Callable[..., FrontProcess], zmq_context: Ctx
+) -> None:
+    server = EmbeddedRedis(extra_args=["--requirepass", "s3cret"]).start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    try:
+        front = start_front(redis_url=url, env={"STUI_REDIS_PASSWORD": "s3cret"})
+        with Client(front.endpoint, timeout=5, retries=0, context=zmq_context) as c:
+            assert c.call("create_session", client_id="pw")["version"] == 1
+        wrong = start_front(redis_url=url, env={"STUI_REDIS_PASSWORD": "nope"})
+        with Client(wrong.endpoint, timeout=5, retries=0, retry_unavailable=False,
+                    context=zmq_context) as c:
+            with pytest.raises(RemoteError) as err:
+                c.call("create_session", client_id="pw")
+            assert err.value.code == "StorageUnavailable"
+    finally:
+        server.stop()
+
+
+def test_unsupported_redis_mode_fails_at_start(redis_server: EmbeddedRedis) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "front", "--redis-url", redis_server.url,
+         "--bind", f"tcp://127.0.0.1:{free_port()}"],
+        env={**os.environ, "STUI_REDIS_MODE": "cluster"}, capture_output=True, text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert "redis_mode" in done.stderr

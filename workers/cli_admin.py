@@ -17,14 +17,17 @@ import zmq.auth
 
 from service import auth, policy
 from service.settings import Settings
+from service.store import redis_for
 from workers.curve import generate_key_pair
 
 
 def _redis(args: argparse.Namespace) -> redis.Redis:
-    url = args.redis_url or Settings().redis_url
-    if not url:
+    settings = Settings()
+    if args.redis_url:
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
+    if not settings.redis_url:
         raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return redis_for(settings)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from service import audit
 from service.auth import ClientKeyCache
 from service.settings import Settings
 
@@ -59,7 +60,11 @@ class CurveServer:
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         """ZAP: only registered keys may connect."""
-        return self.cache.client_for(client_key.decode("ascii")) is not None
+        if self.cache.client_for(client_key.decode("ascii")) is not None:
+            return True
+        # The key itself stays out of the log, as every key and secret does.
+        audit.refused("authentication", None, None, detail="unregistered CURVE key")
+        return False
 
     def secure(self, sock: zmq.Socket[bytes]) -> None:
         sock.curve_secretkey = self.secret

@@ -99,6 +99,8 @@ class EmbeddedRedis:
                 try:
                     if client.ping():
                         return self
+                except (redis.AuthenticationError, redis.ResponseError):
+                    return self  # it answers; it wants a password (--requirepass)
                 except redis.RedisError:
                     if time.monotonic() > deadline:
                         raise

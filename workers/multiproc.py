@@ -24,7 +24,7 @@ import zmq
 
 from service.auth import ClientKeyCache
 from service.settings import Settings
-from service.store import connect
+from service.store import redis_for
 from workers.curve import CurveServer
 from workers.refresher import Refresher
 
@@ -71,7 +71,7 @@ class WorkerPool:
     def _spawn(self) -> BaseProcess:
         proc = self._mp.Process(
             target=_worker_main,
-            args=(self.settings.model_dump(mode="json"), self.backend),
+            args=(self.settings.for_child_process(), self.backend),
             daemon=False,
         )
         proc.start()
@@ -150,7 +150,7 @@ class WorkerPool:
         if not self.settings.curve:
             return None
         assert self.settings.redis_url
-        cache = ClientKeyCache(connect(self.settings.redis_url, self.settings.storage_timeout))
+        cache = ClientKeyCache(redis_for(self.settings))
         Refresher([cache.refresh], self.settings.policy_refresh).start()
         return CurveServer(ctx, self.settings, cache).start()
 

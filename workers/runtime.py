@@ -8,7 +8,7 @@ from service.auth import ClientKeyCache
 from service.dispatch import Dispatcher
 from service.policy import PolicyCache
 from service.settings import Settings
-from service.store import Store, connect
+from service.store import Store, redis_for
 from workers.refresher import Refresher
 
 
@@ -17,13 +17,20 @@ def configure_logging(settings: Settings) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
+    # Audit lines are JSON objects, one per line, with nothing in front.
+    audit = logging.getLogger("stui.audit")
+    if not audit.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        audit.addHandler(handler)
+        audit.propagate = False
 
 
 def build_dispatcher(settings: Settings) -> tuple[Dispatcher, ClientKeyCache | None]:
     """The dispatcher, and with CURVE on the cache of client keys it trusts;
     both caches are refreshed by one background thread."""
     assert settings.redis_url, "the entry point checks that a Redis is configured"
-    client = connect(settings.redis_url, settings.storage_timeout)
+    client = redis_for(settings)
     policy = PolicyCache(client)
     key_cache = ClientKeyCache(client) if settings.curve else None
     refreshers = [policy.refresh] + ([key_cache.refresh] if key_cache else [])
