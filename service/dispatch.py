@@ -9,6 +9,7 @@ and touches no other.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,17 +21,22 @@ from service.errors import (
     InternalError,
     InvalidRequest,
     RateLimited,
+    StorageUnavailable,
     StuiError,
     UnknownCommand,
 )
 from service.handlers import COMMANDS, Command, lookup
 from service.handlers.base import Ctx, Plan
+from service.metrics import INVALID, SUCCESS, UNKNOWN, front_metrics
+from service.models import CLIENT_ID_PATTERN
 from service.policy import Policy, PolicyCache
 from service.protocol import DecodeError, ReplyTo, decode, encode_error, encode_success, validate
 from service.settings import Settings
 from service.store import Call, Store
 
 log = logging.getLogger(__name__)
+
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 
 @dataclass(slots=True)
@@ -40,6 +46,14 @@ class _Pending:
     plan: Plan
     first_call: int
     client_id: str | None
+
+
+class _Refused(DecodeError):
+    """A request refused while planning; `command` is its metrics label."""
+
+    def __init__(self, error: StuiError, reply_to: ReplyTo, command: str) -> None:
+        super().__init__(error, reply_to)
+        self.command = command
 
 
 class Dispatcher:
@@ -62,12 +76,19 @@ class Dispatcher:
         self.command_names = tuple(COMMANDS)
         self.rate_spec = settings.rate_spec()
         self.create_rate_spec = settings.rate_spec(create=True)
+        self.metrics = front_metrics(settings)
 
     def handle(
-        self, bodies: Sequence[bytes], identities: Sequence[str | None] | None = None
+        self,
+        bodies: Sequence[bytes],
+        identities: Sequence[str | None] | None = None,
+        outcomes: list[tuple[str, str]] | None = None,
     ) -> list[bytes]:
+        """With `outcomes`, each request's (command, outcome) is appended to
+        it, in order: the labels of its metrics."""
         policy = self.policy.current() if self.policy is not None else None
         replies: list[bytes | None] = [None] * len(bodies)
+        labels: list[tuple[str, str]] = [(INVALID, InternalError.code)] * len(bodies)
         pending: list[tuple[int, _Pending]] = []
         calls: list[Call] = []
         for n, body in enumerate(bodies):
@@ -76,9 +97,11 @@ class Dispatcher:
                 command, plan, reply_to, client_id = self._plan(body, identity, policy)
             except DecodeError as exc:
                 replies[n] = encode_error(exc.reply_to, exc.error)
+                command_label = exc.command if isinstance(exc, _Refused) else INVALID
+                labels[n] = (command_label, exc.error.code)
                 continue
             if not plan.calls:
-                replies[n] = self._finish(reply_to, command, plan, [], client_id)
+                replies[n], labels[n] = self._finish(reply_to, command, plan, [], client_id)
                 continue
             pending.append((n, _Pending(reply_to, command, plan, len(calls), client_id)))
             calls.extend(plan.calls)
@@ -89,12 +112,25 @@ class Dispatcher:
                 error = exc if isinstance(exc, StuiError) else InternalError()
                 if not isinstance(exc, StuiError):
                     log.exception("store failed")
+                # Raised while handling a Redis exception: Redis failed just
+                # now (not the store's short hold after a failure).
+                elif self.metrics is not None and exc.__context__ is not None:
+                    self.metrics.redis_error()
                 for n, p in pending:
                     replies[n] = encode_error(p.reply_to, error)
+                    labels[n] = (p.command.name, error.code)
             else:
+                if self.metrics is not None:
+                    refused = sum(1 for r in results if isinstance(r, StorageUnavailable))
+                    if refused:
+                        self.metrics.redis_error(refused)
                 for n, p in pending:
                     own = results[p.first_call : p.first_call + len(p.plan.calls)]
-                    replies[n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
+                    replies[n], labels[n] = self._finish(
+                        p.reply_to, p.command, p.plan, own, p.client_id
+                    )
+        if outcomes is not None:
+            outcomes.extend(labels)
         return [r if r is not None else encode_error(ReplyTo(), InternalError()) for r in replies]
 
     def _plan(
@@ -103,12 +139,14 @@ class Dispatcher:
         request = decode(body, self.settings.max_request_bytes)
         reply_to = request.reply_to
         client_id: str | None = None
+        label = UNKNOWN
         try:
             command = lookup(request.command)
             if command is None:
                 raise UnknownCommand(
                     f"unknown command {request.command!r}"[:200], command=request.command[:64]
                 )
+            label = command.name
             params = dict(request.params)
             if request.client_id is not None:
                 named = params.setdefault("client_id", request.client_id)
@@ -119,7 +157,11 @@ class Dispatcher:
             if self.authenticated:
                 self._bind_identity(params, identity, command.name)
             named = params.get("client_id")
-            client_id = named if isinstance(named, str) else None
+            # A malformed id is left to validation (InvalidRequest, naming the
+            # field); only well-formed ids are judged and written to the audit log.
+            client_id = named if isinstance(named, str) and _CLIENT_ID.fullmatch(named) else None
+            if named is not None and client_id is None:
+                policy = None
             if policy is not None:
                 self._apply_policy(policy, client_id, params.get("session_id"), command.name)
             validated = validate(command.params, params)
@@ -135,10 +177,10 @@ class Dispatcher:
             )
             return command, command.handler(validated, ctx), reply_to, client_id
         except StuiError as exc:
-            raise DecodeError(exc, reply_to) from None
+            raise _Refused(exc, reply_to, label) from None
         except Exception:  # a bug answers InternalError; the stack goes to the log
             log.exception("planning %r failed", request.command[:64])
-            raise DecodeError(InternalError(), reply_to) from None
+            raise _Refused(InternalError(), reply_to, label) from None
 
     @staticmethod
     def _bind_identity(params: dict[str, Any], identity: str | None, command: str) -> None:
@@ -163,14 +205,16 @@ class Dispatcher:
     @staticmethod
     def _finish(
         reply_to: ReplyTo, command: Command, plan: Plan, raw: list[Any], client_id: str | None
-    ) -> bytes:
+    ) -> tuple[bytes, tuple[str, str]]:
+        """The reply, and its (command, outcome) label."""
         try:
-            return encode_success(reply_to, command.pascal, plan.finish(raw))
+            reply = encode_success(reply_to, command.pascal, plan.finish(raw))
+            return reply, (command.name, SUCCESS)
         except RateLimited as exc:
             audit.refused("rate_limit", client_id, command.name, **exc.details)
-            return encode_error(reply_to, exc)
+            return encode_error(reply_to, exc), (command.name, exc.code)
         except StuiError as exc:
-            return encode_error(reply_to, exc)
+            return encode_error(reply_to, exc), (command.name, exc.code)
         except Exception:  # a bug: log it with its stack, answer without one
             log.exception("finishing %s failed", command.name)
-            return encode_error(reply_to, InternalError())
+            return encode_error(reply_to, InternalError()), (command.name, InternalError.code)

@@ -97,3 +97,30 @@ def session_keys(session_id: str) -> list[str]:
     chash = chash_of_session(session_id)
     tag = _tag(bucket_of(chash))
     return [f"{tag}:s:{session_id}", f"{tag}:c:{chash}", f"{tag}:exp", f"{tag}:clients"]
+
+
+# The scheduler's keys share one hash tag, so a fenced write of its records is
+# one slot (a transaction that WATCHes the lock works on Redis Cluster too).
+def leader_lock_key() -> str:
+    """string: '<owner>|<fencing token>' of the scheduler leader, with a TTL."""
+    return f"{PREFIX}:{{scheduler}}:leader"
+
+
+def fencing_counter_key() -> str:
+    """string: INCR'd at each lock acquisition; the value is the fencing token."""
+    return f"{PREFIX}:{{scheduler}}:fence"
+
+
+def last_backup_key() -> str:
+    """hash: the last successful backup (at, duration, size, file, token)."""
+    return f"{PREFIX}:{{scheduler}}:last_backup"
+
+
+def session_scan_pattern() -> str:
+    """SCAN MATCH pattern of every session hash (and nothing else)."""
+    return f"{PREFIX}:{{b[0-9][0-9]}}:s:*"
+
+
+def client_index_scan_pattern() -> str:
+    """SCAN MATCH pattern of every client index hash."""
+    return f"{PREFIX}:{{b[0-9][0-9]}}:c:*"

@@ -192,20 +192,23 @@ local function rate_take(key, spec)
     if not tokens then return cap end
     return math.min(cap, tonumber(tokens) + (now - tonumber(at)) * r / 1000)
   end
-  local wait, sets, ttl = 0, {}, 0
+  -- The key may go only once both buckets are full again, whichever one
+  -- this request used: an earlier expiry would hand back spent tokens.
+  local ttl = 0
+  if rate > 0 then ttl = math.ceil(burst * 1000 / rate) end
+  if crate > 0 then ttl = math.max(ttl, math.ceil(cburst * 1000 / crate)) end
+  local wait, sets = 0, {}
   if rate > 0 then
     local g = level(b[1], b[2], rate, burst)
     if g < 1 then wait = math.ceil((1 - g) * 1000 / rate) end
     sets[#sets + 1] = 'g'; sets[#sets + 1] = string.format('%.4f', g - 1)
     sets[#sets + 1] = 'gt'; sets[#sets + 1] = str(now)
-    ttl = math.ceil(burst * 1000 / rate)
   end
   if create == '1' and crate > 0 then
     local c = level(b[3], b[4], crate, cburst)
     if c < 1 then wait = math.max(wait, math.ceil((1 - c) * 1000 / crate)) end
     sets[#sets + 1] = 'c'; sets[#sets + 1] = string.format('%.4f', c - 1)
     sets[#sets + 1] = 'ct'; sets[#sets + 1] = str(now)
-    ttl = math.max(ttl, math.ceil(cburst * 1000 / crate))
   end
   if wait > 0 then return {'RATELIMITED', wait} end
   if #sets > 0 then
@@ -684,6 +687,46 @@ return reply
 """,
 )
 
+RESTORE_BACKUP = _script(
+    "restore_backup",
+    r"""
+-- restore_backup: put one session from a backup file back (stui-sessions restore),
+-- with its remaining TTL, and rebuild its three index entries as touch() does.
+-- KEYS[1..4] as every session script (no replay, no rate limit). ARGV[1..3], ARGV[6]: ''.
+-- ARGV[7] absolute expiry (ms), ARGV[8] '1' to overwrite a newer or equal version,
+--   ARGV[9..] the session hash as field, value pairs (c, ca, lm, to, v, a among them).
+-- Returns {'OK'} | {'EXPIRED'} | {'NEWER', stored version}.
+local now = now_ms()
+local exp = tonumber(ARGV[7])
+if exp <= now then return {'EXPIRED'} end
+local m, sets, keep = {}, {}, {}
+for i = 9, #ARGV, 2 do
+  local f = ARGV[i]
+  sets[#sets + 1] = f; sets[#sets + 1] = ARGV[i + 1]; keep[f] = true
+  if f == 'ca' or f == 'lm' or f == 'to' or f == 'v' or f == 'a' then
+    m[f] = tonumber(ARGV[i + 1])
+  end
+end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'v'))
+if stored and ARGV[8] ~= '1' and stored >= m.v then return {'NEWER', stored} end
+-- First write: refused cleanly by a full Redis (see the module docstring).
+chunked('HSET', KEYS[1], sets)
+local extra = {}
+if stored then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if not keep[f] then extra[#extra + 1] = f end
+  end
+end
+chunked('HDEL', KEYS[1], extra)
+redis.call('PEXPIREAT', KEYS[1], str(exp))
+redis.call('ZADD', KEYS[3], str(exp), sid)
+index_put(m, exp, now)
+-- Recomputed rather than ZADD GT: a forced restore may move an expiry earlier.
+client_refresh(now)
+return {'OK'}
+""",
+)
+
 ALL_SCRIPTS: tuple[Script, ...] = (
     CREATE,
     RESTORE,
@@ -700,4 +743,5 @@ ALL_SCRIPTS: tuple[Script, ...] = (
     RECORD_EVALUATION,
     REGISTER_OBJECT,
     RELEASE_OBJECT,
+    RESTORE_BACKUP,
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,11 +14,15 @@ MIB = 1024 * 1024
 class Settings(BaseSettings):
     """Service settings. Built once at the entry point and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="STUI_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STUI_", extra="ignore", populate_by_name=True)
 
     # Where state lives. None means "no Redis configured": `serve` then starts
     # an embedded one under data_dir.
     redis_url: str | None = None
+    # Only a standalone Redis (or one behind a stable address) for now; a
+    # Sentinel or Cluster setting fails at start rather than being ignored.
+    redis_mode: Literal["standalone"] = "standalone"
+    redis_password: SecretStr | None = None
     bind: str = "tcp://0.0.0.0:5555"
     workers: int = Field(default=1, ge=1, le=64)
     data_dir: Path = Path("stui-data")
@@ -55,6 +59,33 @@ class Settings(BaseSettings):
     curve_secret_key: SecretStr | None = None
     curve_key_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # Scheduler: leader lock and file backups (stui-sessions scheduler).
+    leader_ttl: float = Field(default=10.0, gt=0)  # s; the leader renews at a third of it
+    backup_dir: Path = Path("stui-backups")
+    backup_interval: float = Field(default=60.0, gt=0)  # minutes
+    backup_keep: int = Field(default=24, ge=1)  # files kept, newest first
+    backup_max_age_days: float = Field(default=7.0, gt=0)  # older files are removed
+
+    # Metrics and health (stui-sessions http). The metrics directory is
+    # prometheus-client's own variable, without the STUI_ prefix; every process
+    # of a pod shares it. None: metrics off.
+    metrics_dir: Path | None = Field(default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
+    heartbeat_file: Path | None = None  # default: front.heartbeat in metrics_dir
+    heartbeat_max_age: float = Field(default=5.0, ge=0)  # s; 0: /readyz ignores the heartbeat
+    http_bind: str = "0.0.0.0:9102"
+    http_workers: int = Field(default=1, ge=1, le=16)
+    ready_timeout: float = Field(default=0.5, gt=0)  # s, the PING of /readyz
+
+    def for_child_process(self) -> dict[str, Any]:
+        """Plain values, secrets included, to rebuild these settings in a
+        worker process (model_dump would mask SecretStr values)."""
+        data = self.model_dump(mode="json")
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                data[name] = value.get_secret_value()
+        return data
 
     def rate_spec(self, create: bool = False) -> str:
         """ARGV of the scripts' rate limiter (see service/scripts.py)."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,8 +117,10 @@ def test_call_prints_the_json_reply(front: FrontProcess) -> None:
     assert _cli("call", "ping", "oops", "--endpoint", front.endpoint).returncode == 2
 
 
-def _serve(data_dir: Path, endpoint: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != "STUI_REDIS_URL"}
+def _serve(data_dir: Path, endpoint: str, http_port: int = 0) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STUI_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env["STUI_HTTP_BIND"] = f"127.0.0.1:{http_port or free_port()}"
     return subprocess.Popen(
         [
             sys.executable,
@@ -140,14 +143,40 @@ def _wait_ping(endpoint: str, ctx: Ctx) -> None:
         c.call("ping")
 
 
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
 def test_serve_persists_sessions_across_a_restart(tmp_path: Path, zmq_context: Ctx) -> None:
+    """The one-command run: embedded Redis, front, scheduler and HTTP together."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = _serve(tmp_path, endpoint)
+    http_port = free_port()
+    proc = _serve(tmp_path, endpoint, http_port)
     try:
         _wait_ping(endpoint, zmq_context)
         with Client(endpoint, timeout=5, context=zmq_context) as c:
             sid = c.call("create_session", client_id="dev")["session_id"]
             c.call("update_session_state", session_id=sid, state_data={"work": "precious"})
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 20
+        while _get(f"{base}/readyz")[0] != 200:
+            assert time.monotonic() < deadline, _get(f"{base}/readyz")
+            time.sleep(0.2)
+        while 'command="create_session",outcome="success"' not in _get(f"{base}/metrics")[1]:
+            assert time.monotonic() < deadline, "front metrics never showed up"
+            time.sleep(0.2)
+        while "stui_sessions_scheduler_is_leader 1.0" not in _get(f"{base}/metrics")[1]:
+            assert time.monotonic() < deadline, "the scheduler never led"
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from service import codec
+from service import codec, metrics
 from service.settings import Settings
 from workers import cli_admin, cli_http, cli_ops
 from workers.client import Client, CurveKeys, NoReply
@@ -65,12 +67,55 @@ def _redis_for(settings: Settings) -> Iterator[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Everything on one machine: Redis (embedded unless configured), the
+    front in this process, a scheduler and the HTTP server as children."""
     settings = _settings(args)
     configure_logging(settings)
-    with _redis_for(settings) as url:
+    with _redis_for(settings) as url, _companions(settings, url) as metrics_dir:
         print(f"stui-sessions serving on {settings.bind}", file=sys.stderr)
-        _run_fronts(settings.model_copy(update={"redis_url": url}))
+        update = {"redis_url": url, "metrics_dir": metrics_dir}
+        _run_fronts(settings.model_copy(update=update))
     return 0
+
+
+@contextlib.contextmanager
+def _companions(settings: Settings, redis_url: str) -> Iterator[Path]:
+    """The scheduler and the HTTP server, as child processes sharing the
+    metrics directory, which is wiped first: this process starts them all."""
+    metrics_dir = settings.metrics_dir or settings.data_dir / "metrics"
+    metrics.clear_dir(metrics_dir)
+    backup_dir = (
+        settings.backup_dir
+        if "backup_dir" in settings.model_fields_set
+        else settings.data_dir / "backups"
+    )
+    env = {
+        **os.environ,
+        "STUI_REDIS_URL": redis_url,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "STUI_BACKUP_DIR": str(backup_dir),
+    }
+    http_bind = (
+        settings.http_bind if "http_bind" in settings.model_fields_set else ("127.0.0.1:9102")
+    )
+    me = [sys.executable, "-m", "workers.cli"]
+    children = [
+        subprocess.Popen([*me, "scheduler"], env=env),
+        subprocess.Popen([*me, "http", "--bind", http_bind], env=env),
+    ]
+    print(f"scheduler (backups in {backup_dir}) and http on {http_bind} started", file=sys.stderr)
+    try:
+        yield metrics_dir
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(settings.shutdown_grace + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def _parse_value(text: str) -> Any:

@@ -1,9 +1,30 @@
-"""The `http` subcommand: health and metrics on gunicorn (being built)."""
+"""The `http` subcommand: /healthz, /readyz and /metrics on gunicorn."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
+
+from service.settings import Settings
+from workers import http
+from workers.runtime import configure_logging
+
+
+def cmd_http(args: argparse.Namespace) -> int:
+    flags = {"redis_url": args.redis_url, "http_bind": args.bind, "http_workers": args.workers}
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    configure_logging(settings)
+    http.run(settings)
+    return 0
 
 
 def register(sub: Any) -> None:
     """Adds the http subcommand to the CLI."""
+    p = sub.add_parser(
+        "http",
+        help="serve /healthz, /readyz and /metrics (needs PROMETHEUS_MULTIPROC_DIR)",
+    )
+    p.add_argument("--bind", help="HOST:PORT (STUI_HTTP_BIND), default 0.0.0.0:9102")
+    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
+    p.add_argument("--workers", type=int, help="gunicorn workers (STUI_HTTP_WORKERS), default 1")
+    p.set_defaults(func=cmd_http)

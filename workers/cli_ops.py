@@ -1,9 +1,199 @@
-"""Scheduler, backup, restore and verify subcommands (being built)."""
+"""Scheduler, backup, restore and verify subcommands.
+
+The one-off commands draw a progress line on stderr when it is a terminal and
+say nothing in a pipe. Exit codes: 0 done, 1 the file is bad (nothing was
+restored) or cannot be written, 2 bad arguments or no Redis configured,
+3 Redis unavailable.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+
+from service import backup, restore
+from service.backup import BackupError
+from service.housekeeping import global_figures
+from service.settings import Settings
+from service.store import redis_for
+from workers import scheduler
+from workers.runtime import configure_logging
+
+EXIT_BAD_FILE, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
+
+
+class ProgressLine:
+    """A '\\r' line on a terminal (at most ten redraws a second); nothing elsewhere."""
+
+    def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.label = label
+        self.total = total
+        self._drawn = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        if self.total:
+            frac = min(1.0, done / self.total)
+            bar = "#" * int(frac * 30)
+            text = f"{self.label} [{bar:<30}] {done}/{self.total} {frac:4.0%}"
+        else:
+            text = f"{self.label} {done}"
+        self.stream.write(f"\r{text}\x1b[K")
+        self.stream.flush()
+
+    def finish(self, summary: str) -> None:
+        if self.enabled:
+            self.stream.write(f"\r{summary}\x1b[K\n")
+            self.stream.flush()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment (STUI_*) first, then the flags that were given."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
+    return Settings(**given)
+
+
+def _client(args: argparse.Namespace) -> redis.Redis:
+    settings = _settings(args)
+    if not settings.redis_url:
+        print("error: no Redis configured: set --redis-url or STUI_REDIS_URL", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    # A one-off command may wait on a slow Redis longer than a request would.
+    return redis_for(settings.model_copy(update={"storage_timeout": 60.0}))
+
+
+def _redis_failed(exc: Exception) -> int:
+    print(f"error: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_REDIS
+
+
+def _bad_file(exc: BackupError) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_BAD_FILE
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings)
+    if not settings.redis_url:
+        print("error: no Redis configured: set --redis-url or STUI_REDIS_URL", file=sys.stderr)
+        return EXIT_USAGE
+    scheduler.run(settings, scheduler.metrics_observer(settings))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        progress = ProgressLine("backup", global_figures(client).sessions)
+        info = backup.write_backup(backup.primaries(client), args.output, progress=progress)
+    except redis.RedisError as exc:
+        return _redis_failed(exc)
+    except OSError as exc:
+        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_FILE
+    finally:
+        client.close()
+    progress.finish(f"backup: {info.sessions} sessions, {info.size} bytes in {info.path}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        checking = ProgressLine("verifying")
+        info = backup.verify_backup(args.file, progress=checking)
+        checking.finish(f"verified: {info.sessions} sessions")
+    except BackupError as exc:
+        return _bad_file(exc)
+    client = _client(args)
+    progress = ProgressLine("restoring", info.sessions)
+    try:
+        result = restore.restore_verified(client, info, force=args.force, progress=progress)
+    except BackupError as exc:  # the file changed since it was verified
+        return _bad_file(exc)
+    except redis.RedisError as exc:
+        return _redis_failed(exc)
+    finally:
+        client.close()
+    progress.finish(
+        f"restored {result.restored} sessions; skipped {result.expired} expired, "
+        f"{result.newer} with the same or a newer version in Redis"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    progress = ProgressLine("verifying")
+    try:
+        info = backup.verify_backup(args.file, progress=progress)
+    except BackupError as exc:
+        progress.finish("verify failed")
+        return _bad_file(exc)
+    progress.finish("verified")
+    taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_ms / 1000))
+    print(f"{info.path}: OK, {info.sessions} sessions, taken {taken}")
+    return 0
+
+
+def _redis_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
 
 
 def register(sub: Any) -> None:
     """Adds the scheduler and backup subcommands to the CLI."""
+    p = sub.add_parser(
+        "scheduler",
+        help="run the scheduler (one leader among replicas: backups, housekeeping)",
+    )
+    _redis_flag(p)
+    p.add_argument("--backup-dir", dest="backup_dir", type=Path, help="(STUI_BACKUP_DIR)")
+    p.add_argument(
+        "--backup-interval",
+        dest="backup_interval",
+        type=float,
+        help="minutes between backups (STUI_BACKUP_INTERVAL)",
+    )
+    p.add_argument(
+        "--backup-keep", dest="backup_keep", type=int, help="files kept (STUI_BACKUP_KEEP)"
+    )
+    p.add_argument(
+        "--backup-max-age-days",
+        dest="backup_max_age_days",
+        type=float,
+        help="older files are removed (STUI_BACKUP_MAX_AGE_DAYS)",
+    )
+    p.add_argument("--leader-ttl", dest="leader_ttl", type=float, help="s (STUI_LEADER_TTL)")
+    p.add_argument(
+        "--cleanup-interval", dest="cleanup_interval", type=int, help="s (STUI_CLEANUP_INTERVAL)"
+    )
+    p.set_defaults(func=cmd_scheduler)
+
+    p = sub.add_parser("backup", help="write every live session to a backup file now")
+    _redis_flag(p)
+    p.add_argument("--output", "-o", type=Path, required=True, help="the backup file to write")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "restore",
+        help="restore a backup file (verified first; newer sessions in Redis are kept)",
+    )
+    p.add_argument("file", type=Path)
+    _redis_flag(p)
+    p.add_argument(
+        "--force", action="store_true", help="overwrite sessions with the same or a newer version"
+    )
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("verify", help="check a backup file's checksum and every line")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_verify)

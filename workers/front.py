@@ -23,6 +23,7 @@ import zmq
 from service.auth import ClientKeyCache
 from service.dispatch import Dispatcher
 from service.errors import InvalidRequest
+from service.metrics import INVALID, Heartbeat, heartbeat_path
 from service.protocol import ReplyTo, encode_error
 from service.settings import Settings
 from workers.curve import CurveServer
@@ -62,6 +63,9 @@ class FrontWorker:
         self.client_keys = client_keys
         self.forwarded_identity = forwarded_identity
         self.curve: CurveServer | None = None
+        self.metrics = dispatcher.metrics
+        beat_path = heartbeat_path(settings)
+        self.heartbeat = Heartbeat(beat_path) if beat_path is not None else None
         self.stopping = False
         self.served = 0
         self._drain_deadline = 0.0
@@ -102,8 +106,17 @@ class FrontWorker:
             while not self.stopping:
                 if poller.poll(100):
                     self.serve_available(sock)
+                elif self.metrics is not None:
+                    self.metrics.idle()
+                if self.metrics is not None:
+                    self.metrics.tick()
+                if self.heartbeat is not None:
+                    self.heartbeat.beat()
             self.drain(sock)
         finally:
+            if self.metrics is not None:
+                self.metrics.idle()
+                self.metrics.flush()
             remaining = max(0.0, self._drain_deadline - time.monotonic())
             sock.close(linger=int(remaining * 1000))
             if self.curve is not None:
@@ -122,6 +135,7 @@ class FrontWorker:
                 break
 
     def serve_available(self, sock: zmq.Socket[bytes]) -> None:
+        started = time.perf_counter()
         envelopes: list[list[bytes]] = []
         bodies: list[bytes] = []
         identities: list[str | None] = []
@@ -139,15 +153,22 @@ class FrontWorker:
                 bodies.append(body)
                 if self.client_keys is not None:
                     identities.append(self.client_keys.client_for(public_key))
+        metrics = self.metrics
+        outcomes: list[tuple[str, str]] = []
+        if metrics is not None and bodies:
+            metrics.started(len(bodies))
         for envelope in bad:
             self._send(sock, envelope, _extra_frames_reply())
         if bodies:
             replies = self.dispatcher.handle(
-                bodies, identities if self.client_keys is not None else None
+                bodies, identities if self.client_keys is not None else None, outcomes
             )
             for envelope, reply in zip(envelopes, replies, strict=True):
                 self._send(sock, envelope, reply)
         self.served += len(bodies) + len(bad)
+        if metrics is not None and (bodies or bad):
+            outcomes.extend([(INVALID, InvalidRequest.code)] * len(bad))
+            metrics.finished(outcomes, time.perf_counter() - started)
 
     def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
         """The frames, and with CURVE the public key (Z85) that sent them."""
