@@ -28,6 +28,7 @@ import redis
 import zmq
 
 from tests.conftest import FrontProcess
+from tests.spec import DETAILS_KEY, SPEC_CODES
 from workers.client import Client
 
 pytestmark = pytest.mark.integration
@@ -45,33 +46,7 @@ CLIENT_A = "hostile-alice"
 CLIENT_B = "hostile-bob"
 LONG_DIGITS = 1234567890123456789  # 19 digits: the service parses such a message another way
 
-# PROTOCOL.md's error table: every code, and the details key each one promises.
-CODES = frozenset(
-    {
-        "InvalidRequest",
-        "UnknownCommand",
-        "UnsupportedVersion",
-        "SessionNotFound",
-        "SessionLimitExceeded",
-        "ClientNotAllowed",
-        "RateLimited",
-        "VersionConflict",
-        "PayloadTooLarge",
-        "RegistryFull",
-        "StorageUnavailable",
-        "InternalError",
-    }
-)
-DETAILS_KEY = {
-    "InvalidRequest": "field",
-    "UnknownCommand": "command",
-    "UnsupportedVersion": "supported",
-    "SessionLimitExceeded": "limit",
-    "RateLimited": "retry_after",
-    "VersionConflict": "current_version",
-    "PayloadTooLarge": "limit_bytes",
-    "RegistryFull": "limit",
-}
+CODES = SPEC_CODES
 INVALID = frozenset({"InvalidRequest"})
 NOT_FOUND = frozenset({"SessionNotFound"})
 TOO_LARGE = frozenset({"PayloadTooLarge"})

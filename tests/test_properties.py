@@ -32,37 +32,12 @@ from hypothesis import strategies as st
 from service.dispatch import Dispatcher
 from service.handlers import COMMANDS
 from service.protocol import DecodeError, Request, decode, encode_error
+from tests.spec import DETAILS_KEY, SPEC_CODES
 
 MakeDispatcher = Callable[..., Dispatcher]
 Encoding = Literal["command", "envelope"]
 
 # PROTOCOL.md's error table, and the details key each code promises.
-SPEC_CODES = frozenset(
-    {
-        "InvalidRequest",
-        "UnknownCommand",
-        "UnsupportedVersion",
-        "SessionNotFound",
-        "SessionLimitExceeded",
-        "ClientNotAllowed",
-        "RateLimited",
-        "VersionConflict",
-        "PayloadTooLarge",
-        "RegistryFull",
-        "StorageUnavailable",
-        "InternalError",
-    }
-)
-DETAILS_KEY = {
-    "InvalidRequest": "field",
-    "UnknownCommand": "command",
-    "UnsupportedVersion": "supported",
-    "SessionLimitExceeded": "limit",
-    "RateLimited": "retry_after",
-    "VersionConflict": "current_version",
-    "PayloadTooLarge": "limit_bytes",
-    "RegistryFull": "limit",
-}
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 STACK_MARKERS = (b"Traceback", b'File "')
 

@@ -13,21 +13,7 @@ from service.dispatch import Dispatcher
 from service.errors import ALL_ERRORS, InternalError, StuiError
 from service.protocol import ReplyTo, encode_error
 from service.scripts import ALL_SCRIPTS
-
-SPEC_CODES = {
-    "InvalidRequest",
-    "UnknownCommand",
-    "UnsupportedVersion",
-    "SessionNotFound",
-    "SessionLimitExceeded",
-    "ClientNotAllowed",
-    "RateLimited",
-    "VersionConflict",
-    "PayloadTooLarge",
-    "RegistryFull",
-    "StorageUnavailable",
-    "InternalError",
-}
+from tests.spec import SPEC_CODES
 
 
 def ask(d: Dispatcher, command: str, rid: Any = "1", **params: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from service.handlers.base import (
     require_session_id,
     session_call,
 )
+from service.handlers.sessions import session_contents
 from service.protocol import iso, now_ms
 from service.store import Arg
 
@@ -98,32 +99,18 @@ def load_context(p: models.SessionRef, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        w = i = None
-        registry: dict[str, Fragment] = {}
-        history: list[tuple[int, bytes]] = []
-        for name, value in zip(r[1::2], r[2::2], strict=True):
-            if name == b"w":
-                w = value
-            elif name == b"i":
-                i = value
-            elif name[:2] == b"o:":
-                registry[name[2:].decode("utf-8")] = Fragment(value)
-            else:
-                history.append((int(name[2:]), value))
-        history.sort()
-        empty = w in (None, b"{}") and i in (None, b"{}") and not registry and not history
+        fields = dict(zip(r[1::2], r[2::2], strict=True))
+        parts = session_contents(fields)
+        del parts["session_state"]  # the script sends context fields only
+        empty = (
+            fields.get(b"w") in (None, b"{}")
+            and fields.get(b"i") in (None, b"{}")
+            and not parts["object_registry"]
+            and not parts["evaluation_history"]
+        )
         if empty:
             return {"session_id": sid, "loaded": False, "context": None}
-        return {
-            "session_id": sid,
-            "loaded": True,
-            "context": {
-                "workspace_context": Fragment(w) if w else None,
-                "inspector_state": Fragment(i) if i else None,
-                "object_registry": registry,
-                "evaluation_history": [Fragment(v) for _, v in history],
-            },
-        }
+        return {"session_id": sid, "loaded": True, "context": parts}
 
     return Plan([call], finish)
 
