@@ -69,6 +69,34 @@ listed below the table.
 |---:|---|---:|---:|---:|---:|---:|---:|
 {pair_rows}
 
+## Why three targets are not met
+
+This is analysis of the figures below, not a measurement of its own.
+
+- **CPU per update (and with it throughput).** Redis alone spends two to
+  three times the CPU per update (88 to 120 us in the table below) that the
+  whole echo server spends per request (about 45 us): the update
+  script makes 14 to 17 calls inside Redis (the rate-limit buckets, the
+  replay record, the version check, the state write, sliding expiry of the
+  session and of its three index entries, and reading back the state the
+  reply must carry). The Python front spends 106 to 154 us per request at
+  16 and 64 in flight, against the echo server's ZeroMQ and JSON work of
+  about 45 us: on top of that it runs pydantic validation, the
+  replay fingerprint (a canonical dump and SHA-256 of the parameters), key
+  building and reply assembly, even with hiredis packing the pipeline and
+  parsing the replies. Throughput follows: the front worker waits for Redis
+  while Redis waits for the front, so one worker is capped near
+  1 / (front + Redis CPU per request). Closing the gap needs fewer Redis
+  calls per write (for example one packed metadata field instead of several)
+  and a leaner validation path; neither is done yet.
+- **Memory per session.** A 1 KB state value is longer than Redis'
+  `hash-max-listpack-value` (64 bytes), so the session hash uses the
+  hashtable encoding, where each of its dozen metadata fields costs a
+  dictionary entry. Packing the metadata into one field, or a Redis
+  configured with a larger `hash-max-listpack-value`, would bring it under
+  2 KB (measured at about 1.76 KB with 2048 in a separate 5,000-session run);
+  neither is done in this run.
+
 ## Throughput and latency
 
 Front worker (`python -m workers.cli front --workers 1`) + Redis, against the
