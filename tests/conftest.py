@@ -18,6 +18,7 @@ import zmq
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store
+from tests.helpers import stop_process
 from workers.client import Client, CurveKeys
 from workers.embedded_redis import EmbeddedRedis, RedisNotFound, find_redis_server, free_port
 
@@ -119,13 +120,7 @@ class FrontProcess:
     def stop(self, sig: int = 15, timeout: float = 20.0) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = stop_process(self.proc, sig, timeout)
         self.proc = None
         return code
 

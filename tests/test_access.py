@@ -16,6 +16,7 @@ import zmq
 
 from service.policy import Policy
 from tests.conftest import FrontProcess
+from tests.helpers import code_of
 from workers.client import Client, RemoteError
 from workers.embedded_redis import EmbeddedRedis
 
@@ -34,14 +35,6 @@ def policy_cli(url: str, *args: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
-
-
-def code_of(c: Client, command: str, **params: Any) -> str:
-    try:
-        c.call(command, **params)
-    except RemoteError as exc:
-        return exc.code
-    return "ok"
 
 
 def wait_for(predicate: Callable[[], bool], within: float) -> float:

@@ -8,14 +8,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 import zmq
 
 from tests.conftest import FrontProcess
-from workers.client import Client, CurveKeys, NoReply, RemoteError
+from tests.helpers import code_of
+from workers.client import Client, CurveKeys, NoReply
 from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
@@ -68,14 +68,6 @@ def connect(
 ) -> Client:
     curve = CurveKeys.from_files(str(server_key), str(client_secret))
     return Client(front.endpoint, timeout=timeout, retries=0, context=ctx, curve=curve)
-
-
-def code_of(c: Client, command: str, **params: Any) -> str:
-    try:
-        c.call(command, **params)
-    except RemoteError as exc:
-        return exc.code
-    return "ok"
 
 
 def test_identity_is_the_key(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -37,6 +36,7 @@ from service.metrics import (
 from service.settings import Settings
 from service.store import connect
 from tests.conftest import FrontProcess
+from tests.helpers import stop_process
 from workers.client import Client
 from workers.embedded_redis import EmbeddedRedis, free_port
 from workers.http import gunicorn_options
@@ -117,13 +117,7 @@ class HttpProcess:
         return text
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc)
 
 
 @pytest.fixture

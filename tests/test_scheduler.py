@@ -18,6 +18,7 @@ import redis
 from service import backup, keys, rotation
 from service.leader import LeaderLock, NotLeader, current_leader
 from service.settings import Settings
+from tests.helpers import stop_process
 from workers.embedded_redis import EmbeddedRedis
 from workers.scheduler import Scheduler
 
@@ -68,13 +69,7 @@ class SchedulerProcess:
         return self.log.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = stop_process(self.proc, sig, timeout)
         self._log_file.close()
         return code
 
