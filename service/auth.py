@@ -14,6 +14,7 @@ import redis
 
 from service import keys
 from service.models import CLIENT_ID_PATTERN
+from service.store import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,13 @@ def check_public_key(key: str) -> str:
     return key
 
 
-def add_client_key(client: redis.Redis, client_id: str, public_key: str) -> None:
+def add_client_key(client: RedisClient, client_id: str, public_key: str) -> None:
     if not _CLIENT_ID.fullmatch(client_id):
         raise ValueError(f"{client_id!r} does not match the client id pattern")
     client.hset(keys.curve_clients_key(), check_public_key(public_key), client_id)
 
 
-def remove_client_key(client: redis.Redis, client_id_or_key: str) -> int:
+def remove_client_key(client: RedisClient, client_id_or_key: str) -> int:
     """Remove one public key, or every key of a client id; how many went."""
     registry = keys.curve_clients_key()
     mapping = read_client_keys(client)
@@ -43,7 +44,7 @@ def remove_client_key(client: redis.Redis, client_id_or_key: str) -> int:
     return len(doomed)
 
 
-def read_client_keys(client: redis.Redis) -> dict[str, str]:
+def read_client_keys(client: RedisClient) -> dict[str, str]:
     raw = client.hgetall(keys.curve_clients_key())
     return {_text(k): _text(v) for k, v in raw.items()}
 
@@ -56,7 +57,7 @@ class ClientKeyCache:
     """Public key -> client id as last read from Redis; refreshed by the
     runtime off the request path. Unknown or removed keys map to None."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.keys: dict[str, str] = {}
         self.failing = False  # log the change of state, not every failed read

@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.metrics import heartbeat_age, heartbeat_path, reap_live_gauges
 from service.settings import Settings
-from service.store import redis_for
+from service.store import RedisClient, redis_for
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
@@ -33,7 +33,7 @@ class HttpApp:
         self,
         settings: Settings,
         metrics_dir: Path,
-        redis_client: redis.Redis | None = None,
+        redis_client: RedisClient | None = None,
     ) -> None:
         self.settings = settings
         self.metrics_dir = metrics_dir

@@ -22,6 +22,7 @@ import redis
 from redis.client import Pipeline
 
 from service import keys
+from service.store import RedisClient
 
 
 class NotLeader(Exception):
@@ -29,7 +30,7 @@ class NotLeader(Exception):
 
 
 class LeaderLock:
-    def __init__(self, client: redis.Redis, ttl: float, owner: str | None = None) -> None:
+    def __init__(self, client: RedisClient, ttl: float, owner: str | None = None) -> None:
         self.client = client
         self.ttl_ms = max(1, round(ttl * 1000))
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -82,7 +83,7 @@ class LeaderLock:
         lock = keys.leader_lock_key()
         with self.client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(lock, *watch)  # type: ignore[no-untyped-call]
+                pipe.watch(lock, *watch)
                 if self.token is None or pipe.get(lock) != self.value:
                     raise NotLeader()
                 pipe.multi()
@@ -106,7 +107,7 @@ class LeaderLock:
         self.lost()
 
 
-def current_leader(client: redis.Redis) -> tuple[str, int] | None:
+def current_leader(client: RedisClient) -> tuple[str, int] | None:
     """(owner, token) of the lock's holder, or None when nobody leads."""
     raw = client.get(keys.leader_lock_key())
     if raw is None:

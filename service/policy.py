@@ -21,6 +21,7 @@ import redis
 
 from service import keys
 from service.models import CLIENT_ID_PATTERN
+from service.store import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Policy:
 POLICY_LISTS = ("allow", "allow-prefix", "deny", "deny-prefix")
 
 
-def read_policy(client: redis.Redis) -> Policy:
+def read_policy(client: RedisClient) -> Policy:
     pipe = client.pipeline(transaction=False)
     for name in POLICY_LISTS:
         pipe.smembers(keys.policy_key(name))
@@ -102,7 +103,7 @@ class PolicyCache:
     hangs never delays a request here; if Redis does not answer, the last
     policy stays in force (requests that need Redis fail anyway)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.policy = Policy()
         self.failing = False  # log the change of state, not every failed read
@@ -130,7 +131,7 @@ def _list_name(kind: str, prefix: bool) -> str:
     return f"{kind}-prefix" if prefix else kind
 
 
-def add_rule(client: redis.Redis, kind: str, value: str, prefix: bool = False) -> None:
+def add_rule(client: RedisClient, kind: str, value: str, prefix: bool = False) -> None:
     """kind: allow or deny. Values follow the client id pattern."""
     if kind not in ("allow", "deny"):
         raise ValueError("kind is allow or deny")
@@ -139,7 +140,7 @@ def add_rule(client: redis.Redis, kind: str, value: str, prefix: bool = False) -
     client.sadd(keys.policy_key(_list_name(kind, prefix)), value)
 
 
-def remove_rule(client: redis.Redis, value: str, prefix: bool = False) -> int:
+def remove_rule(client: RedisClient, value: str, prefix: bool = False) -> int:
     """Remove value from both lists; the number of lists it was in."""
     pipe = client.pipeline(transaction=False)
     for kind in ("allow", "deny"):

@@ -21,6 +21,8 @@ from service.backup import (
     iter_backup,
     verify_backup,
 )
+from service.errors import StorageUnavailable
+from service.store import Call, RedisClient, Store
 
 
 @dataclass(slots=True)
@@ -31,7 +33,7 @@ class RestoreResult:
 
 
 def restore_backup(
-    client: redis.Redis | redis.RedisCluster,
+    client: RedisClient,
     path: Path,
     *,
     force: bool = False,
@@ -43,7 +45,7 @@ def restore_backup(
 
 
 def restore_verified(
-    client: redis.Redis | redis.RedisCluster,
+    client: RedisClient,
     verified: BackupInfo,
     *,
     force: bool = False,
@@ -68,22 +70,30 @@ def restore_verified(
 
 
 def _restore_batch(
-    client: redis.Redis | redis.RedisCluster,
+    client: RedisClient,
     batch: list[SessionRecord],
     force: bool,
     result: RestoreResult,
 ) -> None:
-    script = scripts.RESTORE_BACKUP
-    client.script_load(script.source)  # cheap, and survives a Redis restart mid-restore
-    pipe = client.pipeline(transaction=False)
+    # Through the Store: one pipeline per master on a Cluster, and scripts
+    # (re)loaded on NOSCRIPT, so a Redis restart mid-restore is survived.
+    calls = []
     for rec in batch:
         sid = rec.session_id
         args: list[str | bytes | int] = ["", "", "", sid, keys.chash_of_session(sid), ""]
         args += [rec.expires_ms, "1" if force else "0"]
         for name, value in rec.fields:
             args += [name, value]
-        pipe.evalsha(script.sha, 4, *keys.session_keys(sid), *args)
-    for reply in pipe.execute():
+        calls.append(Call(scripts.RESTORE_BACKUP, keys.session_keys(sid), args))
+    try:
+        replies = Store(client).run(calls)
+    except StorageUnavailable:
+        raise redis.ConnectionError("Redis became unavailable during the restore") from None
+    for reply in replies:
+        if isinstance(reply, StorageUnavailable):
+            raise redis.ConnectionError("Redis refused a restore write (try again)")
+        if isinstance(reply, Exception):
+            raise reply
         status = reply[0]
         if status == b"OK":
             result.restored += 1

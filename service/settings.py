@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -17,12 +17,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STUI_", extra="ignore", populate_by_name=True)
 
     # Where state lives. None means "no Redis configured": `serve` then starts
-    # an embedded one under data_dir.
+    # an embedded one under data_dir. Cluster: the URL of any node (the rest
+    # are discovered). Sentinel: the URL is optional and only its database
+    # number, user and password are used; the master comes from the sentinels.
     redis_url: str | None = None
-    # Only a standalone Redis (or one behind a stable address) for now; a
-    # Sentinel or Cluster setting fails at start rather than being ignored.
-    redis_mode: Literal["standalone"] = "standalone"
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     redis_password: SecretStr | None = None
+    redis_sentinels: str | None = None  # "host:port,host:port,..."
+    redis_master_name: str = "mymaster"
+    # Acknowledge a batch only once this many replicas have it (Redis WAIT),
+    # so a failover cannot lose an acknowledged write; 0: asynchronous
+    # replication, the Redis default. See docs/reliability.md.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
     bind: str = "tcp://0.0.0.0:5555"
     workers: int = Field(default=1, ge=1, le=64)
     data_dir: Path = Path("stui-data")
@@ -76,6 +82,33 @@ class Settings(BaseSettings):
     http_bind: str = "0.0.0.0:9102"
     http_workers: int = Field(default=1, ge=1, le=16)
     ready_timeout: float = Field(default=0.5, gt=0)  # s, the PING of /readyz
+
+    @model_validator(mode="after")
+    def _check_redis_mode(self) -> Settings:
+        if self.redis_mode == "sentinel" and not self.sentinel_addresses:
+            raise ValueError("redis_mode sentinel needs redis_sentinels (host:port,...)")
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """STUI_REDIS_SENTINELS as (host, port) pairs; a bad entry is an error."""
+        found: list[tuple[str, int]] = []
+        for item in (self.redis_sentinels or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"redis_sentinels: {item!r} is not host:port")
+            found.append((host.strip("[]"), int(port)))
+        return found
+
+    @property
+    def redis_configured(self) -> bool:
+        """True when a Redis is named (a URL, or sentinels in sentinel mode)."""
+        return bool(self.redis_url) or (
+            self.redis_mode == "sentinel" and bool(self.redis_sentinels)
+        )
 
     def for_child_process(self) -> dict[str, Any]:
         """Plain values, secrets included, to rebuild these settings in a

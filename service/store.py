@@ -17,10 +17,13 @@ from typing import Any
 import hiredis
 import redis
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MovedError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -29,6 +32,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from service.errors import StorageUnavailable
 from service.scripts import ALL_SCRIPTS, Script
@@ -48,8 +52,17 @@ _TRANSIENT_CLASSES = (
     MasterDownError,
     TryAgainError,
     ClusterDownError,
+    AskError,  # also MovedError: still moving after one slot-map refresh
 )
-_TRANSIENT_PREFIXES = ("BUSY", "READONLY", "OOM", "LOADING", "MASTERDOWN", "TRYAGAIN")
+_TRANSIENT_PREFIXES = (
+    "BUSY",
+    "READONLY",
+    "OOM",
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+)
 
 Arg = str | bytes | int
 
@@ -73,27 +86,72 @@ def _is_transient(result: Any) -> bool:
     )
 
 
+RedisClient = redis.Redis | redis.RedisCluster
+
+
+def _fail_fast(timeout: float) -> dict[str, Any]:
+    """No hidden retries (a retried pipeline could outlive the caller's
+    deadline); connect and read bounded by `timeout`."""
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+
+
 def connect(url: str, timeout: float, password: str | None = None) -> redis.Redis:
-    """A client that fails fast: no hidden retries (a retried pipeline could
-    outlive the caller's deadline), connect and read bounded by `timeout`.
-    A password given here wins over one in the URL."""
+    """A standalone client that fails fast. A password given here wins over
+    one in the URL."""
     extra: dict[str, Any] = {"password": password} if password else {}
-    return redis.Redis.from_url(
-        url,
-        **extra,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
+    return redis.Redis.from_url(url, **extra, **_fail_fast(timeout), retry_on_timeout=False)
 
 
-def redis_for(settings: Settings) -> redis.Redis:
-    """The Redis client every role uses, from the settings (URL, password, timeout)."""
-    if not settings.redis_url:
-        raise ValueError("no Redis configured")
+def connect_cluster(url: str, timeout: float, password: str | None = None) -> redis.RedisCluster:
+    """A Cluster client from the URL of any node; the others are discovered.
+    Node clients fail fast like the standalone one; slot moves are handled by
+    the Store (MOVED: refresh the slot map and resend once)."""
+    extra: dict[str, Any] = {"password": password} if password else {}
+    fail_fast = _fail_fast(timeout)
+    retry = fail_fast.pop("retry")  # RedisCluster takes it as a parameter of its own
+    return redis.RedisCluster.from_url(url, **extra, **fail_fast, retry=retry)
+
+
+def connect_sentinel(settings: Settings) -> redis.Redis:
+    """A client of the current master, found through the sentinels. Its pool
+    asks the sentinels again on every new connection, so after a failover the
+    next connection goes to the new master; a write reaching the demoted one
+    fails (READONLY becomes a connection error) instead of being lost."""
+    timeout = settings.storage_timeout
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    url_kwargs: dict[str, Any] = {}
+    if settings.redis_url:
+        parsed = redis.connection.parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+        url_kwargs = {k: parsed[k] for k in ("db", "username", "password") if k in parsed}
+    if password:
+        url_kwargs["password"] = password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+        **_fail_fast(timeout),
+    )
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_master_name, **url_kwargs
+    )
+    return master
+
+
+def redis_for(settings: Settings) -> RedisClient:
+    """The Redis client every role uses, from the settings (mode, URL or
+    sentinels, password, timeout)."""
+    if not settings.redis_configured:
+        raise ValueError("no Redis configured")
+    if settings.redis_mode == "sentinel":
+        return connect_sentinel(settings)
+    assert settings.redis_url
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if settings.redis_mode == "cluster":
+        return connect_cluster(settings.redis_url, settings.storage_timeout, password)
     return connect(settings.redis_url, settings.storage_timeout, password)
 
 
@@ -102,9 +160,17 @@ class Store:
     # of letting every queued batch wait out its own timeout.
     HOLD_AFTER_FAILURE = 0.5
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient, wait_replicas: int = 0, wait_ms: int = 1000) -> None:
         self.client = client
+        # WAIT after each pipeline: the batch is acknowledged only when that
+        # many replicas hold it, else every call in it answers
+        # StorageUnavailable (a retry with the same request id is safe).
+        self.wait = (wait_replicas, wait_ms) if wait_replicas > 0 else None
         self._down_until = 0.0
+        # Cluster: after a node failure the slot map is stale; it is read
+        # again before the next batch rather than on the failing one, whose
+        # deadline is already spent.
+        self._refresh_slots = False
 
     def run(self, calls: Sequence[Call]) -> list[Any]:
         """Results in call order. A per-call error is returned in place, as an
@@ -113,6 +179,9 @@ class Store:
         if time.monotonic() < self._down_until:
             raise StorageUnavailable()
         try:
+            if self._refresh_slots and isinstance(self.client, redis.RedisCluster):
+                self.client.nodes_manager.initialize()
+                self._refresh_slots = False
             results = self._pipeline(calls)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
@@ -122,9 +191,11 @@ class Store:
                     results[i] = r
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._down_until = time.monotonic() + self.HOLD_AFTER_FAILURE
+            self._refresh_slots = True
             log.warning("redis unavailable: %s", type(exc).__name__)
             raise StorageUnavailable() from None
         except RedisError as exc:  # e.g. SCRIPT LOAD refused while Redis is out of memory
+            self._refresh_slots = True
             log.warning("redis refused the batch: %s", exc)
             raise StorageUnavailable() from None
         refused = [i for i, r in enumerate(results) if _is_transient(r)]
@@ -137,38 +208,95 @@ class Store:
         return results
 
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
-        """One write of every EVALSHA, then one read per reply, on one pooled
-        connection. redis-py's Pipeline object does the same with several
-        Python calls per command; on the hot path that costs more than the
-        script itself, so commands are packed and replies parsed by hiredis."""
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        try:
-            packed = b"".join(_pack(call) for call in calls)
-            conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
-            results: list[Any] = []
-            for _ in calls:
-                try:
-                    results.append(conn.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
-            return results
-        except BaseException:
-            # A half-read connection must never go back to the pool.
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        finally:
-            pool.release(conn)
+        if isinstance(self.client, redis.RedisCluster):
+            return self._cluster_pipeline(self.client, calls)
+        return _send(self.client.connection_pool, calls, self.wait)
+
+    def _cluster_pipeline(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
+        """One pipeline per master, each holding the calls whose first key's
+        slot it serves (every call's keys share one hash tag, so one slot).
+        A MOVED reply means the slot map changed (failover, resharding): it is
+        read again and those calls are resent once."""
+        results = self._send_by_node(cluster, calls)
+        moved = [i for i, r in enumerate(results) if isinstance(r, (MovedError, AskError))]
+        if moved:
+            cluster.nodes_manager.initialize()
+            again = self._send_by_node(cluster, [calls[i] for i in moved])
+            for i, r in zip(moved, again, strict=True):
+                results[i] = r
+        return results
+
+    def _send_by_node(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, call in enumerate(calls):
+            node = cluster.nodes_manager.get_node_from_slot(_slot(call))
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        results: list[Any] = [None] * len(calls)
+        for node, indexes in by_node.values():
+            if node.redis_connection is None:  # a node only just discovered
+                cluster.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]
+            pool = node.redis_connection.connection_pool
+            replies = _send(pool, [calls[i] for i in indexes], self.wait)
+            for i, reply in zip(indexes, replies, strict=True):
+                results[i] = reply
+        return results
 
     def load_scripts(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for script in ALL_SCRIPTS:
-            pipe.execute_command("SCRIPT", "LOAD", script.source)  # type: ignore[no-untyped-call]
-        pipe.execute()
-        log.info("loaded %d scripts", len(ALL_SCRIPTS))
+        """Every script on every master (a Cluster master only runs scripts
+        it has loaded itself)."""
+        if isinstance(self.client, redis.RedisCluster):
+            targets: list[redis.Redis] = [
+                self.client.get_redis_connection(node)
+                for node in self.client.get_primaries()  # type: ignore[no-untyped-call]
+            ]
+        else:
+            targets = [self.client]
+        for target in targets:
+            pipe = target.pipeline(transaction=False)
+            for script in ALL_SCRIPTS:
+                pipe.execute_command("SCRIPT", "LOAD", script.source)  # type: ignore[no-untyped-call]
+            pipe.execute()
+        log.info("loaded %d scripts on %d node(s)", len(ALL_SCRIPTS), len(targets))
 
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
         except (RedisError, OSError):
             return False
+
+
+def _slot(call: Call) -> int:
+    key = call.keys[0]
+    return int(key_slot(key.encode() if isinstance(key, str) else key))
+
+
+def _send(pool: Any, calls: Sequence[Call], wait: tuple[int, int] | None = None) -> list[Any]:
+    """One write of every EVALSHA, then one read per reply, on one pooled
+    connection. redis-py's Pipeline object does the same with several Python
+    calls per command; on the hot path that costs more than the script
+    itself, so commands are packed and replies parsed by hiredis.
+    `wait`: (replicas, ms) for a WAIT after the batch."""
+    conn = pool.get_connection()
+    try:
+        packed = b"".join(_pack(call) for call in calls)
+        if wait is not None:
+            packed += bytes(hiredis.pack_command(("WAIT", *wait)))  # type: ignore[arg-type]
+        conn.send_packed_command([packed])
+        results: list[Any] = []
+        for _ in calls:
+            try:
+                results.append(conn.read_response())
+            except ResponseError as exc:
+                results.append(exc)
+        if wait is not None:
+            acked = conn.read_response()
+            if int(acked) < wait[0]:
+                log.warning("only %s of %d replicas acknowledged the batch", acked, wait[0])
+                results = [StorageUnavailable() for _ in calls]
+        return results
+    except BaseException:
+        # A half-read connection must never go back to the pool.
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)

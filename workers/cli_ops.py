@@ -19,9 +19,9 @@ import redis
 from service import backup, restore
 from service.backup import BackupError
 from service.housekeeping import global_figures
-from service.settings import Settings
-from service.store import redis_for
+from service.store import RedisClient, redis_for
 from workers import scheduler
+from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
 from workers.runtime import configure_logging
 
 EXIT_BAD_FILE, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
@@ -57,16 +57,10 @@ class ProgressLine:
             self.stream.flush()
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """Environment (STUI_*) first, then the flags that were given."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
-    return Settings(**given)
-
-
-def _client(args: argparse.Namespace) -> redis.Redis:
-    settings = _settings(args)
-    if not settings.redis_url:
-        print("error: no Redis configured: set --redis-url or STUI_REDIS_URL", file=sys.stderr)
+def _client(args: argparse.Namespace) -> RedisClient:
+    settings = settings_from(args)
+    if not settings.redis_configured:
+        print(f"error: {NO_REDIS}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
     # A one-off command may wait on a slow Redis longer than a request would.
     return redis_for(settings.model_copy(update={"storage_timeout": 60.0}))
@@ -83,10 +77,10 @@ def _bad_file(exc: BackupError) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     configure_logging(settings)
-    if not settings.redis_url:
-        print("error: no Redis configured: set --redis-url or STUI_REDIS_URL", file=sys.stderr)
+    if not settings.redis_configured:
+        print(f"error: {NO_REDIS}", file=sys.stderr)
         return EXIT_USAGE
     scheduler.run(settings, scheduler.metrics_observer(settings))
     return 0
@@ -145,17 +139,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redis_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", dest="redis_url", help="redis://host:port/db (STUI_REDIS_URL)")
-
-
 def register(sub: Any) -> None:
     """Adds the scheduler and backup subcommands to the CLI."""
     p = sub.add_parser(
         "scheduler",
         help="run the scheduler (one leader among replicas: backups, housekeeping)",
     )
-    _redis_flag(p)
+    add_redis_flags(p)
     p.add_argument("--backup-dir", dest="backup_dir", type=Path, help="(STUI_BACKUP_DIR)")
     p.add_argument(
         "--backup-interval",
@@ -179,7 +169,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_scheduler)
 
     p = sub.add_parser("backup", help="write every live session to a backup file now")
-    _redis_flag(p)
+    add_redis_flags(p)
     p.add_argument("--output", "-o", type=Path, required=True, help="the backup file to write")
     p.set_defaults(func=cmd_backup)
 
@@ -188,7 +178,7 @@ def register(sub: Any) -> None:
         help="restore a backup file (verified first; newer sessions in Redis are kept)",
     )
     p.add_argument("file", type=Path)
-    _redis_flag(p)
+    add_redis_flags(p)
     p.add_argument(
         "--force", action="store_true", help="overwrite sessions with the same or a newer version"
     )

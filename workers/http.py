@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from service.http_app import make_app
 from service.metrics import remove_dead_files, setup
 from service.settings import Settings
+from workers.cli_common import NO_REDIS
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ class HttpServer(BaseApplication):  # type: ignore[misc]
 
 def run(settings: Settings) -> None:
     """Serves until SIGTERM (graceful) or SIGINT; gunicorn exits the process."""
-    if not settings.redis_url:
-        raise SystemExit("no Redis configured: set --redis-url or STUI_REDIS_URL")
+    if not settings.redis_configured:
+        raise SystemExit(NO_REDIS)
     if not setup(settings) or settings.metrics_dir is None:
         raise SystemExit("no metrics directory: set PROMETHEUS_MULTIPROC_DIR")
     HttpServer(settings, gunicorn_options(settings, settings.metrics_dir)).run()

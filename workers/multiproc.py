@@ -149,7 +149,7 @@ class WorkerPool:
         answers ZAP) and forwards each client's public key to the workers."""
         if not self.settings.curve:
             return None
-        assert self.settings.redis_url
+        assert self.settings.redis_configured
         cache = ClientKeyCache(redis_for(self.settings))
         Refresher([cache.refresh], self.settings.policy_refresh).start()
         return CurveServer(ctx, self.settings, cache).start()

@@ -29,11 +29,14 @@ def configure_logging(settings: Settings) -> None:
 def build_dispatcher(settings: Settings) -> tuple[Dispatcher, ClientKeyCache | None]:
     """The dispatcher, and with CURVE on the cache of client keys it trusts;
     both caches are refreshed by one background thread."""
-    assert settings.redis_url, "the entry point checks that a Redis is configured"
+    assert settings.redis_configured, "the entry point checks that a Redis is configured"
     client = redis_for(settings)
     policy = PolicyCache(client)
     key_cache = ClientKeyCache(client) if settings.curve else None
     refreshers = [policy.refresh] + ([key_cache.refresh] if key_cache else [])
     Refresher(refreshers, settings.policy_refresh).start()
-    dispatcher = Dispatcher(settings, Store(client), policy, authenticated=settings.curve)
+    # WAIT for replicas at most half the storage timeout: the reply must still
+    # come within the bound the protocol promises.
+    store = Store(client, settings.redis_wait_replicas, int(settings.storage_timeout * 500))
+    dispatcher = Dispatcher(settings, store, policy, authenticated=settings.curve)
     return dispatcher, key_cache

@@ -31,7 +31,7 @@ from service import backup, keys, rotation
 from service.housekeeping import global_figures, housekeep
 from service.leader import LeaderLock, NotLeader
 from service.settings import Settings
-from service.store import redis_for
+from service.store import RedisClient, redis_for
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Scheduler:
     def __init__(
         self,
         settings: Settings,
-        client: redis.Redis,
+        client: RedisClient,
         observer: SchedulerObserver | None = None,
         nodes: list[redis.Redis] | None = None,
     ) -> None:
@@ -246,7 +246,7 @@ def metrics_observer(settings: Settings) -> SchedulerObserver | None:
 
 def run(settings: Settings, observer: SchedulerObserver | None = None) -> None:
     """The `stui-sessions scheduler` process: until SIGTERM or SIGINT."""
-    assert settings.redis_url, "the entry point checks that a Redis is configured"
+    assert settings.redis_configured, "the entry point checks that a Redis is configured"
     scheduler = Scheduler(settings, redis_for(settings), observer)
     scheduler.install_signal_handlers()
     scheduler.run()

@@ -1,0 +1,162 @@
+"""The service on a real Redis Cluster (3 masters, one replica each).
+
+Every command's integration test runs again here, through front workers in
+`--redis-mode cluster` (the tests are imported from their modules, and this
+module's fixtures point them at the cluster); then backup, restore,
+housekeeping and the scheduler over every master.
+
+    .venv/bin/python -m pytest tests/test_cluster.py
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from service import backup, keys
+from service.dispatch import Dispatcher
+from service.housekeeping import Pruned, global_figures, housekeep
+from service.leader import current_leader
+from service.settings import Settings
+from service.store import RedisClient, Store, redis_for
+from tests.conftest import RedisTarget
+from tests.test_backup import cli, in_batches, make_sessions, run, snapshot
+from tests.test_commands import (  # noqa: F401  (collected again, against the cluster)
+    any_client,
+    test_command_form_reply_shape,
+    test_describe_reports_configured_limits,
+    test_envelope_reply_shape,
+    test_statistics_and_system_commands,
+    test_top_level_client_id,
+    test_whole_lifecycle,
+)
+from tests.test_scheduler import Recorder, wait_for
+from tests.test_semantics import (  # noqa: F401  (collected again, against the cluster)
+    test_awkward_json_round_trips,
+    test_closed_with_save_still_counts,
+    test_expired_sessions_free_the_client_limit,
+    test_expiry_and_sliding_expiry,
+    test_history_cap_keeps_newest,
+    test_ownership,
+    test_replay_window_expires,
+    test_same_request_id_different_parameters_is_refused,
+    test_same_request_id_executes_once,
+    test_state_size_cap_changes_nothing,
+    test_twenty_concurrent_creates_exactly_five_succeed,
+    test_two_writers_same_expected_version_one_wins,
+)
+from tests.topologies import LocalCluster
+from workers.scheduler import Scheduler
+
+pytestmark = pytest.mark.integration
+
+CLUSTER_ENV = {"STUI_REDIS_MODE": "cluster"}
+
+
+@pytest.fixture
+def redis_target(redis_cluster: LocalCluster) -> RedisTarget:
+    return RedisTarget(redis_cluster.url, CLUSTER_ENV)
+
+
+@pytest.fixture
+def redis_client(redis_cluster: LocalCluster) -> Iterator[RedisClient]:
+    """A cluster client on an emptied cluster (every master flushed)."""
+    redis_cluster.flushall()
+    client = redis_for(Settings(redis_url=redis_cluster.url, redis_mode="cluster"))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dispatcher(redis_client: RedisClient) -> Dispatcher:
+    settings = Settings(redis_url="unused", rate_limit=0, create_rate_limit=0)
+    return Dispatcher(settings, Store(redis_client))
+
+
+def masters_holding_sessions(cluster: LocalCluster) -> int:
+    held = 0
+    for node in cluster.masters():
+        with redis.Redis(port=node.port) as c:
+            held += any(True for _ in c.scan_iter(match=keys.session_scan_pattern(), count=500))
+    return held
+
+
+def test_sessions_spread_over_every_master(
+    redis_cluster: LocalCluster, dispatcher: Dispatcher
+) -> None:
+    make_sessions(dispatcher, 200)
+    assert masters_holding_sessions(redis_cluster) == LocalCluster.MASTERS
+    stats = run(dispatcher, [("get_session_statistics", {})])[0]
+    assert stats["total_sessions"] == 200
+
+
+def test_backup_restore_and_verify_cover_every_master(
+    redis_cluster: LocalCluster, dispatcher: Dispatcher, redis_client: RedisClient, tmp_path: Path
+) -> None:
+    sids = make_sessions(dispatcher, 300)
+    before = snapshot(redis_client, sids)  # type: ignore[arg-type]
+    path = tmp_path / "cluster.jsonl.gz"
+    mode = ["--redis-mode", "cluster", "--redis-url", redis_cluster.url]
+
+    done = cli("backup", *mode, "--output", str(path))
+    assert done.returncode == 0, done
+    assert backup.verify_backup(path).sessions == 300
+
+    redis_cluster.flushall()
+    restored = cli("restore", str(path), *mode)
+    assert restored.returncode == 0, restored
+    after = snapshot(redis_client, sids)  # type: ignore[arg-type]
+    assert {s: f for s, (f, _) in after.items()} == {s: f for s, (f, _) in before.items()}
+    assert masters_holding_sessions(redis_cluster) == LocalCluster.MASTERS
+
+
+def test_housekeeping_prunes_on_every_master(
+    redis_cluster: LocalCluster, dispatcher: Dispatcher, redis_client: RedisClient
+) -> None:
+    assert isinstance(redis_client, redis.RedisCluster)
+    created = in_batches(
+        dispatcher, [("create_session", {"client_id": f"hk{n}", "timeout": 600}) for n in range(60)]
+    )
+    # Delete every session hash behind the service's back, as an eviction
+    # would: the client indexes on every master now hold orphans.
+    for r in created:
+        redis_client.delete(keys.session_key(r["session_id"]))
+    nodes = backup.primaries(redis_client)
+    assert len(nodes) == LocalCluster.MASTERS
+    pruned = housekeep(redis_client, nodes)
+    assert pruned.orphans == 60
+    assert global_figures(redis_client).sessions == 0
+    assert housekeep(redis_client, nodes) == Pruned()
+
+
+def test_scheduler_leads_and_backs_up_on_a_cluster(
+    redis_cluster: LocalCluster, dispatcher: Dispatcher, redis_client: RedisClient, tmp_path: Path
+) -> None:
+    make_sessions(dispatcher, 50)
+    settings = Settings(
+        redis_url=redis_cluster.url,
+        redis_mode="cluster",
+        leader_ttl=2.0,
+        backup_dir=tmp_path / "b",
+        backup_interval=0.01,
+        cleanup_interval=1,
+    )
+    seen = Recorder()
+    scheduler = Scheduler(settings, redis_for(settings), seen)
+    thread = threading.Thread(target=scheduler.run)
+    thread.start()
+    try:
+        wait_for(lambda: seen.kinds().count("backup") >= 2, 20)
+        wait_for(lambda: ("figures", 50, 50) in seen.events, 10)
+        assert current_leader(redis_client) is not None
+    finally:
+        scheduler.request_stop()
+        thread.join(10)
+    assert not thread.is_alive()
+    files = sorted((tmp_path / "b").glob("*.jsonl.gz"))
+    assert files and backup.verify_backup(files[-1]).sessions == 50
+    assert current_leader(redis_client) is None  # released through a fenced transaction
