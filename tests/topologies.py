@@ -275,6 +275,19 @@ class LocalSentinel:
         wait_until(switched, timeout, "the failover to finish")
         return self.master_port()
 
+    def wait_settled(self, old_master: int, timeout: float = 60) -> None:
+        """Until the old master has been turned into a replica of the new one
+        and is in sync: only then has whatever it accepted after the
+        promotion been thrown away (Sentinel reconfigures it at its next
+        check, seconds after the failover itself)."""
+
+        def settled() -> bool:
+            with redis.Redis(port=old_master, socket_timeout=1) as old:
+                info = old.info("replication")
+            return bool(info.get("role") == "slave" and info.get("master_link_status") == "up")
+
+        wait_until(settled, timeout, "the old master to rejoin as a replica")
+
     def _named_master(self, sentinel: SentinelProcess) -> int:
         with sentinel.client() as c:
             _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)
