@@ -34,6 +34,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   value: /metrics
 - name: STUI_REDIS_MODE
   value: {{ .Values.redis.mode | quote }}
+- name: STUI_REDIS_WAIT_REPLICAS
+  value: {{ .Values.redis.waitReplicas | quote }}
 {{- if .Values.redis.sentinel.addresses }}
 - name: STUI_REDIS_SENTINELS
   value: {{ join "," .Values.redis.sentinel.addresses | quote }}
