@@ -11,7 +11,7 @@ housekeeping and the scheduler over every master.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from service.housekeeping import Pruned, global_figures, housekeep
 from service.leader import current_leader
 from service.settings import Settings
 from service.store import RedisClient, Store, redis_for
-from tests.conftest import RedisTarget
+from tests.conftest import FrontProcess, RedisTarget
 from tests.test_backup import cli, in_batches, make_sessions, run, snapshot
 from tests.test_commands import (  # noqa: F401  (collected again, against the cluster)
     any_client,
@@ -49,7 +49,9 @@ from tests.test_semantics import (  # noqa: F401  (collected again, against the 
     test_twenty_concurrent_creates_exactly_five_succeed,
     test_two_writers_same_expected_version_one_wins,
 )
+from tests.test_sentinel import Writer
 from tests.topologies import LocalCluster
+from workers.client import Client
 from workers.scheduler import Scheduler
 
 pytestmark = pytest.mark.integration
@@ -160,3 +162,58 @@ def test_scheduler_leads_and_backs_up_on_a_cluster(
     files = sorted((tmp_path / "b").glob("*.jsonl.gz"))
     assert files and backup.verify_backup(files[-1]).sessions == 50
     assert current_leader(redis_client) is None  # released through a fenced transaction
+
+
+def test_a_master_killed_under_load_fails_over_and_nothing_acknowledged_is_lost(
+    redis_cluster: LocalCluster, start_front: Callable[..., FrontProcess], redis_client: RedisClient
+) -> None:
+    """SIGKILL the master holding a writer's sessions; the cluster promotes
+    its replica, the front follows the new slot map by itself, and once the
+    killed node is back (as a replica) WAIT succeeds again. Runs last in this
+    module: the cluster's roles are shuffled afterwards."""
+    assert isinstance(redis_client, redis.RedisCluster)
+    front = start_front(env={"STUI_REDIS_WAIT_REPLICAS": "1"})
+    assert front.proc is not None
+    writers = [Writer(front.endpoint, f"cw-{n}") for n in range(4)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in writers]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: all(len(w.acked) >= 20 for w in writers), 30)
+        key = keys.session_key(writers[0].session_id)
+        victim_port = redis_client.get_node_from_key(key).port  # type: ignore[no-untyped-call]
+        victim = next(n for n in redis_cluster.nodes if n.port == victim_port)
+        before = [list(w.acked) for w in writers]
+        assert victim.process is not None
+        victim.process.kill()
+        victim.process.wait()
+        wait_for(lambda: redis_cluster.covered_without(victim_port), 30)
+        victim.start()  # rejoins as a replica of its promoted replica
+        marks = [len(w.acked) for w in writers]
+        wait_for(
+            lambda: all(
+                len(w.acked) >= m + 20 or w.failures for w, m in zip(writers, marks, strict=True)
+            ),
+            60,
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert [w.failures for w in writers] == [[]] * 4
+    assert front.proc.poll() is None  # the same process served throughout
+    lost = lost_before = executed_twice = 0
+    with Client(front.endpoint, timeout=5.0, retries=5) as reader:
+        for w, acked_before in zip(writers, before, strict=True):
+            session = reader.call("restore_session", session_id=w.session_id)
+            lost += sum(1 for k in w.acked if k not in session["session_state"])
+            lost_before += sum(1 for k in acked_before if k not in session["session_state"])
+            executed_twice += session["version"] - 1 - len(w.acked)
+    retries = sum(w.stats["retries"] for w in writers)
+    print(
+        f"\ncluster failover: {sum(len(w.acked) for w in writers)} acknowledged, "
+        f"{lost} lost, {executed_twice} executed twice, {retries} client retries"
+    )
+    assert (lost, lost_before, executed_twice) == (0, 0, 0)
+    assert retries > 0  # the kill was felt

@@ -138,6 +138,22 @@ class LocalCluster:
                     return False
         return True
 
+    def covered_without(self, down_port: int) -> bool:
+        """Every live node reports cluster_state:ok and none of the slots is
+        served by the node on down_port (its replica has taken over)."""
+        for node in self.nodes:
+            if node.port == down_port:
+                continue
+            with redis.Redis(port=node.port, socket_timeout=1) as c:
+                info = c.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+                for entry in c.execute_command("CLUSTER", "SLOTS"):
+                    if int(entry[2][1]) == down_port:
+                        return False
+        return True
+
     def masters(self) -> list[EmbeddedRedis]:
         found = []
         for node in self.nodes:
