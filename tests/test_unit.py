@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from service import codec, keys
 from service.dispatch import Dispatcher
@@ -161,6 +162,7 @@ def test_malformed_session_id_is_not_found_without_redis(
     fake_dispatcher: Callable[..., Dispatcher],
 ) -> None:
     d = fake_dispatcher()
+    assert isinstance(d.store.client, redis.Redis)  # FakeRedis, never a cluster here
     d.store.client.connection_pool.disconnect()
     for sid in ["x", "../../etc/passwd", "{b01}:s:x", "0" * 39]:
         assert ask(d, "get_session_info", session_id=sid)["error_type"] == "SessionNotFound"
