@@ -18,10 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+import redis
 
+from service.dispatch import Dispatcher
+from service.settings import Settings
+from service.store import Store, connect
 from tests.conftest import FrontProcess, RedisTarget
 from tests.topologies import LocalSentinel
 from workers.client import Client, NoReply
+from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +215,25 @@ def test_forced_failover_under_load_loses_no_acknowledged_write(
         # Lost writes take their version bumps with them, so the count of
         # executions is only exact when nothing was lost.
         assert executed_twice == 0
+
+
+def test_wait_without_an_in_sync_replica_acknowledges_nothing(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """WAIT 1 on a Redis with no replica: every call of the batch answers
+    StorageUnavailable (the write may be applied, but it is not acknowledged;
+    a retry with the same id is safe). With WAIT 0 the same batch succeeds."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0, create_rate_limit=0)
+    body = b'{"id": "w1", "command": "create_session", "parameters": {"client_id": "w"}}'
+    for wait, expected in ((1, "StorageUnavailable"), (0, None)):
+        store = Store(connect(redis_server.url, 2.0), wait_replicas=wait, wait_ms=50)
+        reply = json.loads(Dispatcher(settings, store).handle([body])[0])
+        assert reply.get("error_type") == expected, reply
+    # The refused attempt did run on the master: the retry (same id) was
+    # answered from its replay record, so there is still exactly one session.
+    stats = json.loads(
+        Dispatcher(settings, Store(connect(redis_server.url, 2.0))).handle(
+            [b'{"command": "get_session_statistics", "parameters": {}}']
+        )[0]
+    )
+    assert stats["result"]["total_sessions"] == 1

@@ -8,13 +8,17 @@ from typing import Any
 
 import pytest
 import redis
+from pydantic import ValidationError
 
 from service import codec, keys
 from service.dispatch import Dispatcher
 from service.errors import ALL_ERRORS, InternalError, StuiError
 from service.protocol import ReplyTo, encode_error
 from service.scripts import ALL_SCRIPTS
+from service.settings import Settings
 from tests.spec import SPEC_CODES
+from workers.cli import build_parser
+from workers.cli_common import settings_from
 
 
 def ask(d: Dispatcher, command: str, rid: Any = "1", **params: Any) -> dict[str, Any]:
@@ -321,3 +325,26 @@ def test_default_timeout_setting_applies(fake_dispatcher: Callable[..., Dispatch
     limits = ask(d, "describe")["result"]["limits"]
     assert (limits["min_timeout"], limits["max_timeout"]) == (1, 2_592_000)
     assert limits["transport_max_bytes"] == 4 * limits["max_request_bytes"]
+
+
+def test_sentinel_settings_are_checked_at_start() -> None:
+    with pytest.raises(ValidationError, match="redis_sentinels"):
+        Settings(redis_mode="sentinel")
+    for bad in ["nohost", "host:", ":26379", "host:0", "host:99999", "host:port"]:
+        with pytest.raises(ValidationError, match="host:port"):
+            Settings(redis_mode="sentinel", redis_sentinels=bad)
+    ok = Settings(redis_mode="sentinel", redis_sentinels=" s1:26379, [::1]:26380 ,")
+    assert ok.sentinel_addresses == [("s1", 26379), ("::1", 26380)]
+    assert ok.redis_configured and ok.redis_url is None
+    assert not Settings(redis_url=None).redis_configured
+    assert Settings(redis_url="redis://x:1/0", redis_mode="cluster").redis_configured
+
+
+def test_cli_takes_the_redis_topology_flags() -> None:
+    for command in (["front"], ["serve"], ["scheduler"], ["http"], ["backup", "--output", "x"]):
+        topology = ["--redis-mode", "sentinel", "--redis-sentinels", "a:1,b:2"]
+        args = build_parser().parse_args([*command, *topology, "--redis-master-name", "m"])
+        settings = settings_from(args)
+        assert settings.redis_mode == "sentinel", command
+        assert settings.sentinel_addresses == [("a", 1), ("b", 2)]
+        assert settings.redis_master_name == "m"
