@@ -1,0 +1,1013 @@
+"""Redis Cluster versus one standalone Redis: throughput and CPU per request.
+
+    .venv/bin/python -m benchmarks.cluster           # full run, ~6 min; writes
+                                                     # benchmarks/results/cluster.json and
+                                                     # docs/benchmarks-cluster.md
+    .venv/bin/python -m benchmarks.cluster --quick   # smoke run, about a minute; writes
+                                                     # benchmarks/results/quick/
+
+Two set-ups in one process: a standalone redis-server (no persistence) with a
+front on it, and a LocalCluster (tests/topologies.py: 3 masters + 3 replicas,
+no persistence) with a front in `--redis-mode cluster`. Both fronts are
+`python -m workers.cli front --workers 1` with default settings otherwise, as
+in benchmarks/servers.py, so the standalone figures compare with
+docs/benchmarks.md.
+
+Each set-up gets the same number of pre-created sessions with 1 KB of state,
+then the load generator of benchmarks/loadgen.py (REQ sockets) drives
+update_session_state, get_session_info and get_session_statistics at each
+in-flight level. Both set-ups stay up for the whole run and their drives are
+interleaved, standalone and cluster back to back for every cell, the order
+reversed every other round, so that each cluster/standalone ratio compares two
+drives a few seconds apart rather than two phases minutes apart on a noisy
+shared machine. Figures are medians over the rounds.
+
+CPU per request is read from the kernel around each drive (precise_cpu: the
+scheduler's nanosecond count, psutil where that is missing): the front
+process, and the redis-server processes (the one standalone server, or all six cluster
+nodes, split into masters and replicas), divided by the answered requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+import redis
+import zmq
+from redis.crc import key_slot
+
+from benchmarks import machine, workload
+from benchmarks.loadgen import Body, Kind, LoadGen
+from benchmarks.measure import RunResult
+from benchmarks.servers import REPO, Snapshot, _clean_env, process_cpu, wait_answering
+from service import codec, keys, scripts
+from service.settings import Settings
+from service.store import Call, _slot, redis_for
+from tests.topologies import LocalCluster
+from workers.embedded_redis import EmbeddedRedis, free_port
+
+RESULTS = REPO / "benchmarks" / "results"
+SetupName = Literal["standalone", "cluster"]
+SETUPS: tuple[SetupName, ...] = ("standalone", "cluster")
+OPS = ("update_session_state", "get_session_info", "get_session_statistics")
+KIND: Kind = "REQ"  # one request outstanding per socket: "in flight" = sockets
+# Processes whose load would distort the run; they are looked for at the start
+# and at the end, and the report says what was found.
+NOISY = ("benchmarks.scaleout", "benchmarks.soak", "pytest")
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    rounds: int
+    run_seconds: float  # time bound of each measured drive
+    warmup_seconds: float
+    max_requests: int  # count bound of each measured drive
+    warmup_requests: int
+    sessions: int  # pre-created sessions with 1 KB of state, per set-up
+    idle_seconds: float  # how long the idle CPU of each set-up is sampled
+    routing_repeats: int  # statistics call lists routed in the routing micro-measure
+    inflights: tuple[int, ...] = (1, 64)
+
+
+FULL = Config(quick=False, rounds=5, run_seconds=2.5, warmup_seconds=0.4, max_requests=60_000,
+              warmup_requests=3_000, sessions=2_000, idle_seconds=10.0,
+              routing_repeats=2_000)
+QUICK = Config(quick=True, rounds=1, run_seconds=0.3, warmup_seconds=0.1, max_requests=4_000,
+               warmup_requests=300, sessions=250, idle_seconds=1.0, routing_repeats=200)
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
+
+
+# -- the processes ------------------------------------------------------------
+
+
+def precise_cpu(pid: int) -> float:
+    """CPU seconds of a process so far, to the nanosecond where Linux allows.
+
+    psutil's cpu_times() counts clock ticks (10 ms), which over a drive of a
+    few thousand requests is an error of several us per request and process,
+    and six redis-servers add up six such errors. The scheduler's own count
+    (/proc/<pid>/task/<tid>/schedstat: ns on a CPU, user and system alike),
+    summed over the live threads, has no such step. Threads that have already
+    exited are missing from it; redis-server's and the front's threads live
+    as long as the process. Elsewhere: psutil."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return process_cpu(pid)
+    total = read = 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+            read += 1
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that exited meanwhile
+    # No thread readable at all: a kernel without schedstat, not a fast process.
+    return total / 1e9 if read else process_cpu(pid)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What a drive is measured by, read just before and just after it."""
+
+    front_cpu: float  # seconds on a CPU, user + system (precise_cpu)
+    master_cpu: float  # seconds, every master's redis-server (the standalone one)
+    replica_cpu: float  # seconds, every replica's redis-server (none standalone)
+    commands: dict[str, int]  # INFO commandstats calls, summed over the masters
+    script_usec: int  # commandstats usec of evalsha, summed over the masters
+    reads: int  # INFO stats total_reads_processed, summed over the masters
+    loadgen_cpu: float  # seconds, this process with its ZeroMQ I/O thread
+    # front + every redis-server, from psutil's clock ticks: a cross-check of
+    # the precise figures (a thread that exited mid-drive would show here only)
+    coarse_cpu: float
+
+    def minus(self, before: Counters) -> Counters:
+        names = set(self.commands) | set(before.commands)
+        return Counters(
+            self.front_cpu - before.front_cpu,
+            self.master_cpu - before.master_cpu,
+            self.replica_cpu - before.replica_cpu,
+            {n: self.commands.get(n, 0) - before.commands.get(n, 0) for n in sorted(names)},
+            self.script_usec - before.script_usec,
+            self.reads - before.reads,
+            self.loadgen_cpu - before.loadgen_cpu,
+            self.coarse_cpu - before.coarse_cpu,
+        )
+
+
+class Setup:
+    """One Redis set-up (standalone or cluster) and a front worker on it.
+
+    benchmarks/servers.py's Stack is hard-wired to one standalone Redis and
+    reads Redis' CPU from INFO; this is the same idea for either set-up, with
+    the CPU time of however many redis-server processes there are."""
+
+    def __init__(self, name: SetupName, ctx: zmq.Context[zmq.Socket[bytes]],
+                 log_dir: Path) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.log_dir = log_dir
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.standalone: EmbeddedRedis | None = None
+        self.cluster: LocalCluster | None = None
+        self.masters: list[EmbeddedRedis] = []
+        self.replicas: list[EmbeddedRedis] = []
+        self.clients: list[redis.Redis] = []  # one per master: INFO and SCAN
+        self.front: subprocess.Popen[bytes] | None = None
+        # CPU the redis-servers use with no load (us per second), once measured:
+        # each drive's share of it is reported as background.
+        self.idle_redis_us_per_s = 0.0
+
+    def start(self) -> Setup:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.name == "cluster":
+                self.cluster = LocalCluster().start()
+                self.masters = self.cluster.masters()
+                master_ports = {m.port for m in self.masters}
+                self.replicas = [n for n in self.cluster.nodes if n.port not in master_ports]
+                url = self.cluster.url
+            else:
+                self.standalone = EmbeddedRedis().start()  # no data_dir: no persistence
+                self.masters = [self.standalone]
+                url = self.standalone.url
+            self.clients = [redis.Redis(port=m.port, socket_timeout=10) for m in self.masters]
+            cmd = [sys.executable, "-m", "workers.cli", "front", "--redis-url", url,
+                   "--bind", self.endpoint, "--workers", "1"]
+            env = _clean_env()  # defaults only, as benchmarks/servers.py
+            if self.name == "cluster":
+                cmd += ["--redis-mode", "cluster"]
+                env["STUI_REDIS_MODE"] = "cluster"
+            with open(self.log_dir / f"front-{self.name}.log", "wb") as log:
+                self.front = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT)
+            wait_answering(self.ctx, self.endpoint, self.front)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.front is not None and self.front.poll() is None:
+            self.front.terminate()
+            try:
+                self.front.wait(15)
+            except subprocess.TimeoutExpired:
+                self.front.kill()
+                self.front.wait()
+        self.front = None
+        for c in self.clients:
+            c.close()
+        self.clients = []
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+        if self.standalone is not None:
+            self.standalone.stop()
+            self.standalone = None
+
+    def __enter__(self) -> Setup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def nodes(self) -> int:
+        return len(self.masters) + len(self.replicas)
+
+    def _front_pid(self) -> int:
+        assert self.front is not None, "set-up not started"
+        if self.front.poll() is not None:
+            raise RuntimeError(f"the {self.name} front exited with {self.front.returncode}")
+        return self.front.pid
+
+    def _coarse_cpu(self) -> float:
+        nodes = [n.process.pid for n in self.masters + self.replicas if n.process is not None]
+        return sum(process_cpu(pid) for pid in [self._front_pid(), *nodes])
+
+    def _cpu(self) -> tuple[float, float, float]:
+        """CPU seconds so far: front, masters, replicas."""
+
+        def of(nodes: list[EmbeddedRedis]) -> float:
+            pids = [n.process.pid for n in nodes if n.process is not None]
+            return sum(precise_cpu(pid) for pid in pids)
+
+        return precise_cpu(self._front_pid()), of(self.masters), of(self.replicas)
+
+    def _info(self) -> tuple[dict[str, int], int, int]:
+        commands: dict[str, int] = {}
+        usec = reads = 0
+        for c in self.clients:
+            # One INFO per node per snapshot: "all" holds commandstats and stats.
+            info = c.info("all")
+            for name, value in info.items():
+                if name.startswith("cmdstat_") and isinstance(value, dict):
+                    key = name.removeprefix("cmdstat_")
+                    commands[key] = commands.get(key, 0) + int(value["calls"])
+            usec += int(info.get("cmdstat_evalsha", {}).get("usec", 0))
+            reads += int(info["total_reads_processed"])
+        return commands, usec, reads
+
+    def snapshot(self, before: bool) -> Counters:
+        """Before a drive INFO is read first and CPU last, after it CPU first
+        and INFO last: the CPU our own INFO calls cost stays outside the window."""
+        if before:
+            commands, usec, reads = self._info()
+            coarse = self._coarse_cpu()
+            front, masters, replicas = self._cpu()
+            loadgen = time.process_time()
+        else:
+            front, masters, replicas = self._cpu()
+            loadgen = time.process_time()
+            coarse = self._coarse_cpu()
+            commands, usec, reads = self._info()
+        return Counters(front, masters, replicas, commands, usec, reads, loadgen, coarse)
+
+    def server_version(self) -> str:
+        return str(self.clients[0].info("server")["redis_version"])
+
+    def layout(self) -> list[tuple[int, int, int]]:
+        """(port, session hashes, buckets served) per master: how the 64
+        buckets, the only hash tags the service uses, fell on the masters'
+        slot ranges."""
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        if self.name == "cluster":
+            slots_reply = self.clients[0].execute_command(  # type: ignore[no-untyped-call]
+                "CLUSTER", "SLOTS")
+            for entry in slots_reply:
+                ranges.setdefault(int(entry[2][1]), []).append((int(entry[0]), int(entry[1])))
+        out = []
+        for m, c in zip(self.masters, self.clients, strict=True):
+            sessions = sum(1 for _ in c.scan_iter(match=keys.session_scan_pattern(), count=1000))
+            buckets = keys.NUM_BUCKETS
+            if self.name == "cluster":
+                slots = [key_slot(keys.bucket_expiry_key(b).encode())
+                         for b in range(keys.NUM_BUCKETS)]
+                buckets = sum(1 for slot in slots
+                              if any(lo <= slot <= hi for lo, hi in ranges.get(m.port, [])))
+            out.append((m.port, sessions, buckets))
+        return out
+
+
+# -- the load -----------------------------------------------------------------
+
+
+def bodies_for(op: str, count: int, targets: workload.Targets) -> list[Body]:
+    if op == "get_session_statistics":
+        return workload.statistics_bodies(count)
+    return workload.bodies_for(op, count, targets)
+
+
+def prepare(setup: Setup, count: int) -> workload.Targets:
+    """count sessions (5 per client) created through the front, each given one
+    1 KB state, as benchmarks/phases.py prepares its targets."""
+    with LoadGen(setup.ctx, setup.endpoint, "DEALER", 64) as lg:
+        created = lg.drive(workload.create_bodies(count, "bench"), 120.0, keep_replies=True)
+        sids = workload.session_ids_of(created.replies)
+        if len(sids) != count:
+            raise RuntimeError(f"{setup.name}: created {len(sids)} of {count} sessions: "
+                               f"{created.error_sample}")
+        updated = lg.drive(workload.update_bodies(len(sids), sids), 120.0)
+        if updated.ok != len(sids):
+            raise RuntimeError(f"{setup.name}: state updates failed: {updated.error_sample}")
+    clients = sorted({f"bench-{n // workload.SESSIONS_PER_CLIENT}" for n in range(count)})
+    return workload.Targets(sids, clients)
+
+
+def reported_sessions(setup: Setup) -> int:
+    """total_sessions as get_session_statistics answers it: a check that the
+    cluster front sees every bucket on every master."""
+    with LoadGen(setup.ctx, setup.endpoint, "REQ", 1) as lg:
+        sample = lg.drive(workload.statistics_bodies(1), 30.0, keep_replies=True)
+    if not sample.ok:
+        raise RuntimeError(f"{setup.name}: get_session_statistics failed: {sample.error_sample}")
+    return int(codec.loads(sample.replies[0])["result"]["total_sessions"])
+
+
+@dataclass
+class Idle:
+    """CPU microseconds per second of wall time with no load at all."""
+
+    setup: str
+    seconds: float
+    front_us_per_s: float
+    master_us_per_s: float
+    replica_us_per_s: float
+
+
+def idle_cpu(setup: Setup, seconds: float) -> Idle:
+    """Cluster nodes are never quite idle (cluster bus pings, replication
+    acknowledgements, serverCron on six processes): this is what that
+    background costs, next to the standalone server's."""
+    f0, m0, r0 = setup._cpu()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    f1, m1, r1 = setup._cpu()
+    wall = time.monotonic() - t0
+    idle = Idle(setup.name, wall, (f1 - f0) / wall * 1e6, (m1 - m0) / wall * 1e6,
+                (r1 - r0) / wall * 1e6)
+    setup.idle_redis_us_per_s = idle.master_us_per_s + idle.replica_us_per_s
+    return idle
+
+
+@dataclass
+class Routing:
+    """What the front does per call on a cluster before anything is sent
+    (Store._send_by_node): the call's hash slot, then the master serving it,
+    timed in this process with the same client the front builds."""
+
+    calls: int
+    slot_us: float  # per call: service.store._slot (CRC16 of the hash tag)
+    lookup_us: float  # per call: redis-py's nodes_manager.get_node_from_slot
+
+    @property
+    def per_call_us(self) -> float:
+        return self.slot_us + self.lookup_us
+
+
+def routing_cost(url: str, repeats: int) -> Routing:
+    client = redis_for(Settings(redis_url=url, redis_mode="cluster"))
+    try:
+        assert isinstance(client, redis.RedisCluster)
+        nodes = client.nodes_manager
+        # The 64 calls of one get_session_statistics, as the handler makes them.
+        calls = [Call(scripts.STATS, [keys.bucket_expiry_key(b), keys.bucket_clients_key(b)], [])
+                 for b in range(keys.NUM_BUCKETS)]
+        slots = [_slot(c) for c in calls]
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for call in calls:
+                _slot(call)
+        t1 = time.perf_counter()
+        for _ in range(repeats):
+            for slot in slots:
+                nodes.get_node_from_slot(slot)
+        t2 = time.perf_counter()
+    finally:
+        client.close()
+    n = repeats * len(calls)
+    return Routing(n, (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6)
+
+
+@dataclass
+class Drive:
+    """One measured drive of one command against one set-up."""
+
+    setup: str
+    round: int
+    result: RunResult  # the shared record: throughput, latency, CPU, commands
+    master_cpu_us: float  # per answered request
+    replica_cpu_us: float  # per answered request
+    # Read events in the masters per answered request (INFO stats
+    # total_reads_processed, our own INFO taken out): at least one per
+    # pipeline the front sends, so it follows the round trips to Redis.
+    reads_per_request: float
+    # The set-up's idle redis-server CPU over the drive's window, per answered
+    # request: what the nodes would have used with no load at all.
+    background_us: float
+    coarse_total_cpu_us: float  # front + Redis per request by psutil's ticks
+
+    @property
+    def op(self) -> str:
+        return self.result.op
+
+    @property
+    def inflight(self) -> int:
+        return self.result.inflight
+
+    def line(self) -> str:
+        r = self.result
+        flag = f" ERRORS {r.errors} lost {r.lost}: {r.error_sample[:120]}" \
+            if r.errors or r.lost else ""
+        return (f"{self.setup:10s} {r.op} x{r.inflight}: {r.throughput:,.0f} req/s, "
+                f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, CPU us/req front "
+                f"{r.server_cpu_us:.0f} + redis {r.redis_cpu_us:.0f} (masters "
+                f"{self.master_cpu_us:.0f}, replicas {self.replica_cpu_us:.0f}), "
+                f"{r.commands_per_request:.1f} EVALSHA/req, "
+                f"{self.reads_per_request:.3f} Redis reads/req{flag}")
+
+
+def measure(setup: Setup, cfg: Config, targets: workload.Targets, op: str, inflight: int,
+            round_no: int) -> Drive:
+    with LoadGen(setup.ctx, setup.endpoint, KIND, inflight) as lg:
+        warm = lg.drive(bodies_for(op, cfg.warmup_requests, targets), cfg.warmup_seconds)
+        # Enough bodies for the time bound at the warm-up's rate, within the
+        # count bound (as benchmarks/measure.py plans them).
+        planned = max(200, min(cfg.max_requests,
+                               int(warm.throughput * cfg.run_seconds * 1.6) + 200))
+        bodies = bodies_for(op, planned, targets)
+        before = setup.snapshot(before=True)
+        t0 = time.monotonic()
+        sample = lg.drive(bodies, cfg.run_seconds)
+        window = time.monotonic() - t0
+        after = setup.snapshot(before=False)
+    d = after.minus(before)
+    # The shared RunResult ("front": a front + Redis drive, as opposed to the
+    # echo server's), with "redis" = every redis-server process of the set-up.
+    result = RunResult.of("front", op, KIND, inflight, sample,
+                          Snapshot(d.front_cpu, d.master_cpu + d.replica_cpu, d.commands,
+                                   d.script_usec, d.loadgen_cpu))
+    n = max(1, sample.answered)
+    # The after-INFO of each master counts one read of its own.
+    reads = d.reads - len(setup.clients)
+    return Drive(setup.name, round_no, result, d.master_cpu / n * 1e6,
+                 d.replica_cpu / n * 1e6, reads / n, setup.idle_redis_us_per_s * window / n,
+                 d.coarse_cpu / n * 1e6)
+
+
+# -- summaries ----------------------------------------------------------------
+
+METRICS: dict[str, Callable[[Drive], float]] = {
+    "throughput": lambda d: d.result.throughput,
+    "front_cpu_us": lambda d: d.result.server_cpu_us,
+    "redis_cpu_us": lambda d: d.result.redis_cpu_us,  # all nodes
+    "master_cpu_us": lambda d: d.master_cpu_us,
+    "replica_cpu_us": lambda d: d.replica_cpu_us,
+    "redis_net_cpu_us": lambda d: d.result.redis_cpu_us - d.background_us,
+    "total_cpu_us": lambda d: d.result.total_cpu_us,  # front + all nodes
+    "p50_ms": lambda d: d.result.p50_ms,
+    "p99_ms": lambda d: d.result.p99_ms,
+    "evalsha_per_request": lambda d: d.result.commands_per_request,
+    "reads_per_request": lambda d: d.reads_per_request,
+    "loadgen_cpu_us": lambda d: d.result.loadgen_cpu_us,
+}
+
+
+@dataclass
+class Stat:
+    median: float
+    low: float
+    high: float
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Stat:
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return Stat(math.nan, math.nan, math.nan)
+        return Stat(statistics.median(finite), min(finite), max(finite))
+
+
+@dataclass
+class Summary:
+    """Medians (and min-max) over the rounds of one set-up, command and level."""
+
+    setup: str
+    op: str
+    inflight: int
+    drives: int
+    errors: int  # errors and lost requests, summed over the rounds
+    stats: dict[str, Stat]
+
+
+@dataclass
+class Ratio:
+    """cluster / standalone for one command and level: median / median, and
+    the min-max of each round's ratio (two drives back to back)."""
+
+    op: str
+    inflight: int
+    ratios: dict[str, Stat]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def summarise(drives: list[Drive], cfg: Config) -> tuple[list[Summary], list[Ratio]]:
+    summaries: list[Summary] = []
+    ratios: list[Ratio] = []
+    for op in OPS:
+        for n in cfg.inflights:
+            cell = [d for d in drives if d.op == op and d.inflight == n]
+            by_setup: dict[str, Summary] = {}
+            for name in SETUPS:
+                ds = [d for d in cell if d.setup == name]
+                if not ds:
+                    continue
+                s = Summary(name, op, n, len(ds),
+                            sum(d.result.errors + d.result.lost for d in ds),
+                            {k: Stat.of([f(d) for d in ds]) for k, f in METRICS.items()})
+                by_setup[name] = s
+                summaries.append(s)
+            if len(by_setup) < 2:
+                continue
+            out: dict[str, Stat] = {}
+            for key, f in METRICS.items():
+                per_round = []
+                for r in sorted({d.round for d in cell}):
+                    pair = {d.setup: d for d in cell if d.round == r}
+                    if len(pair) == 2:
+                        per_round.append(_ratio(f(pair["cluster"]), f(pair["standalone"])))
+                spread = Stat.of(per_round)
+                out[key] = Stat(_ratio(by_setup["cluster"].stats[key].median,
+                                       by_setup["standalone"].stats[key].median),
+                                spread.low, spread.high)
+            ratios.append(Ratio(op, n, out))
+    return summaries, ratios
+
+
+# -- the run ------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    command: str
+    config: Config
+    machine: dict[str, str]
+    noisy_at_start: list[str]
+    noisy_at_end: list[str] = field(default_factory=list)
+    sessions: dict[str, int] = field(default_factory=dict)  # reported by the service
+    layout: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    idle: list[Idle] = field(default_factory=list)
+    routing: Routing | None = None
+    drives: list[Drive] = field(default_factory=list)
+    summaries: list[Summary] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def noisy_processes() -> list[str]:
+    """Other benchmarks or test runs on the machine (our own process excluded)."""
+    found = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] != me and any(word in cmdline for word in NOISY):
+            found.append(f"{p.info['pid']} {cmdline[:100]}")
+    return found
+
+
+def measure_all(cfg: Config, command: str, progress: Progress) -> Run:
+    started = time.monotonic()
+    noisy = noisy_processes()
+    if noisy:
+        progress(f"WARNING: other benchmark/test processes are running: {noisy}")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    log_dir = RESULTS / ("quick" if cfg.quick else "") / "cluster-logs"
+    try:
+        progress("phase 1/5: standalone redis-server (no persistence) and a front on it")
+        with Setup("standalone", ctx, log_dir) as alone:
+            run = Run(command, cfg, machine.describe(alone.server_version()), noisy)
+            progress(f"standalone redis {run.machine['redis-server']} on port "
+                     f"{alone.masters[0].port}, front at {alone.endpoint}")
+            progress("phase 2/5: LocalCluster (3 masters + 3 replicas) and a front in "
+                     "--redis-mode cluster")
+            with Setup("cluster", ctx, log_dir) as clu:
+                progress(f"cluster masters on ports {[m.port for m in clu.masters]}, replicas "
+                         f"on {[r.port for r in clu.replicas]}, front at {clu.endpoint}")
+                assert clu.cluster is not None
+                run.routing = routing_cost(clu.cluster.url, cfg.routing_repeats)
+                progress(f"routing one call on the cluster, in this process: "
+                         f"{run.routing.slot_us:.2f} us slot + {run.routing.lookup_us:.2f} us "
+                         f"master lookup")
+                setups = {"standalone": alone, "cluster": clu}
+                progress(f"phase 3/5: {cfg.sessions:,} sessions with 1 KB state on each")
+                targets = {}
+                for name, s in setups.items():
+                    targets[name] = prepare(s, cfg.sessions)
+                    run.sessions[name] = reported_sessions(s)
+                    run.layout[name] = s.layout()
+                    progress(f"{name}: get_session_statistics reports "
+                             f"{run.sessions[name]:,} sessions; per master (port, sessions, "
+                             f"buckets): {run.layout[name]}")
+                progress(f"phase 4/5: idle CPU, {cfg.idle_seconds:.0f} s each")
+                for s in setups.values():
+                    run.idle.append(idle_cpu(s, cfg.idle_seconds))
+                    i = run.idle[-1]
+                    progress(f"{s.name} idle: front {i.front_us_per_s:,.0f} us/s, masters "
+                             f"{i.master_us_per_s:,.0f} us/s, replicas "
+                             f"{i.replica_us_per_s:,.0f} us/s")
+                cells = len(OPS) * len(cfg.inflights) * len(SETUPS)
+                progress(f"phase 5/5: {cfg.rounds} round(s) of {cells} drives, standalone and "
+                         "cluster back to back")
+                for r in range(cfg.rounds):
+                    order = SETUPS if r % 2 == 0 else SETUPS[::-1]
+                    for op in OPS:
+                        for n in cfg.inflights:
+                            for name in order:
+                                d = measure(setups[name], cfg, targets[name], op, n, r + 1)
+                                run.drives.append(d)
+                                progress(f"[round {r + 1}/{cfg.rounds}] {d.line()}")
+    finally:
+        ctx.destroy(linger=0)
+    run.noisy_at_end = noisy_processes()
+    run.summaries, run.ratios = summarise(run.drives, cfg)
+    run.duration_s = time.monotonic() - started
+    return run
+
+
+# -- output -------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_json(run: Run, path: Path) -> None:
+    data = asdict(run)
+    for d, drive in zip(data["drives"], run.drives, strict=True):
+        d["op"], d["inflight"] = drive.op, drive.inflight
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
+
+
+def _x(s: Stat) -> str:
+    if not math.isfinite(s.median):
+        return "-"
+    if s.low == s.high or not math.isfinite(s.low):
+        return f"{s.median:.2f}x"
+    return f"{s.median:.2f}x ({s.low:.2f}-{s.high:.2f})"
+
+
+def _summary(run: Run, setup: str, op: str, n: int) -> Summary | None:
+    for s in run.summaries:
+        if (s.setup, s.op, s.inflight) == (setup, op, n):
+            return s
+    return None
+
+
+def _ratio_of(run: Run, op: str, n: int) -> Ratio | None:
+    for r in run.ratios:
+        if (r.op, r.inflight) == (op, n):
+            return r
+    return None
+
+
+def _figure_rows(run: Run) -> list[str]:
+    rows = [
+        "| command | in flight | set-up | req/s | req/s range | front CPU us/req "
+        "| Redis CPU us/req, all nodes | of which masters | of which replicas "
+        "| Redis net of idle | front+Redis us/req | p50 ms | p99 ms | EVALSHA per req "
+        "| Redis reads per req | load gen us/req | errors |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for op in OPS:
+        for n in run.config.inflights:
+            for name in SETUPS:
+                s = _summary(run, name, op, n)
+                if s is None:
+                    continue
+                st = s.stats
+                rows.append(
+                    f"| {op} | {n} | {name} | {st['throughput'].median:,.0f} | "
+                    f"{st['throughput'].low:,.0f}-{st['throughput'].high:,.0f} | "
+                    f"{st['front_cpu_us'].median:.0f} | {st['redis_cpu_us'].median:.0f} | "
+                    f"{st['master_cpu_us'].median:.0f} | {st['replica_cpu_us'].median:.0f} | "
+                    f"{st['redis_net_cpu_us'].median:.0f} | {st['total_cpu_us'].median:.0f} | "
+                    f"{st['p50_ms'].median:.2f} | "
+                    f"{st['p99_ms'].median:.2f} | {st['evalsha_per_request'].median:.2f} | "
+                    f"{st['reads_per_request'].median:.3f} | "
+                    f"{st['loadgen_cpu_us'].median:.0f} | {s.errors} |")
+    return rows
+
+
+def _ratio_rows(run: Run) -> list[str]:
+    rows = [
+        "| command | in flight | req/s | front CPU per req | Redis CPU per req, all nodes "
+        "| Redis, all nodes, net of idle | Redis, masters only | front+Redis per req "
+        "| p50 | p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for op in OPS:
+        for n in run.config.inflights:
+            r = _ratio_of(run, op, n)
+            if r is None:
+                continue
+            x = r.ratios
+            rows.append(f"| {op} | {n} | {_x(x['throughput'])} | {_x(x['front_cpu_us'])} | "
+                        f"{_x(x['redis_cpu_us'])} | {_x(x['redis_net_cpu_us'])} | "
+                        f"{_x(x['master_cpu_us'])} | "
+                        f"{_x(x['total_cpu_us'])} | {_x(x['p50_ms'])} | {_x(x['p99_ms'])} |")
+    return rows
+
+
+def _findings(run: Run) -> list[str]:
+    """Sentences made from this run's medians: nothing here is typed in by hand."""
+    out: list[str] = []
+    for op in OPS:
+        for n in run.config.inflights:
+            a = _summary(run, "standalone", op, n)
+            c = _summary(run, "cluster", op, n)
+            r = _ratio_of(run, op, n)
+            if a is None or c is None or r is None:
+                continue
+            sa, sc, x = a.stats, c.stats, r.ratios
+            out.append(
+                f"- **{op}, {n} in flight.** {sc['throughput'].median:,.0f} req/s on the "
+                f"cluster against {sa['throughput'].median:,.0f} standalone "
+                f"({x['throughput'].median:.2f}x). Front CPU {sc['front_cpu_us'].median:.0f} "
+                f"against {sa['front_cpu_us'].median:.0f} us per request "
+                f"({x['front_cpu_us'].median:.2f}x); Redis CPU "
+                f"{sc['redis_cpu_us'].median:.0f} us over all six nodes "
+                f"({sc['master_cpu_us'].median:.0f} masters + "
+                f"{sc['replica_cpu_us'].median:.0f} replicas) against "
+                f"{sa['redis_cpu_us'].median:.0f} us for the one server "
+                f"({x['redis_cpu_us'].median:.2f}x; net of idle "
+                f"{x['redis_net_cpu_us'].median:.2f}x; masters only "
+                f"{x['master_cpu_us'].median:.2f}x). Reads in Redis: "
+                f"{sc['reads_per_request'].median:.3f} per request on the cluster's "
+                f"masters against {sa['reads_per_request'].median:.3f} standalone. p50 "
+                f"{sc['p50_ms'].median:.2f} against {sa['p50_ms'].median:.2f} ms.")
+    lo, hi = min(run.config.inflights), max(run.config.inflights)
+    stats_lo = _ratio_of(run, "get_session_statistics", lo)
+    stats_hi = _ratio_of(run, "get_session_statistics", hi)
+    if stats_lo is not None and stats_hi is not None and lo != hi:
+        r_lo = stats_lo.ratios["master_cpu_us"].median
+        r_hi = stats_hi.ratios["master_cpu_us"].median
+        line = (f"- **Redis CPU per get_session_statistics**, masters only: {r_lo:.2f}x the "
+                f"standalone server's at {lo} in flight, {r_hi:.2f}x at {hi}.")
+        if r_hi <= 1.15 and r_lo >= 1.3:
+            # Only said when the two rows bear it out.
+            line += (" The same 64 script calls cost about the same in deep pipelines, so the "
+                     f"extra at {lo} in flight goes with the three round trips per request "
+                     "(three reads, three replies, three wake-ups instead of one) rather than "
+                     "with running the scripts in cluster mode: an inference from these two "
+                     "rows, not profiled.")
+        out.append(line)
+    if run.routing is not None:
+        ro = run.routing
+        extra = []
+        for n in run.config.inflights:
+            a = _summary(run, "standalone", "get_session_statistics", n)
+            c = _summary(run, "cluster", "get_session_statistics", n)
+            if a is not None and c is not None:
+                more = c.stats["front_cpu_us"].median - a.stats["front_cpu_us"].median
+                extra.append(f"{more:,.0f} us at {n} in flight")
+        out.append(
+            f"- **Routing in the front.** Finding the master of one call costs "
+            f"{ro.per_call_us:.1f} us of Python ({ro.slot_us:.1f} us for the hash slot, "
+            f"{ro.lookup_us:.1f} us for redis-py's `get_node_from_slot`; timed in the load "
+            f"generator's process with the client the front builds, {ro.calls:,} calls). "
+            f"A get_session_statistics routes 64 calls, {64 * ro.per_call_us:,.0f} us, "
+            f"against a measured extra front CPU per statistics request of "
+            f"{' and '.join(extra)} (cluster median minus standalone median); an update or an "
+            f"info routes one call. (Not done, a suggestion: the service uses only 64 hash "
+            f"tags, so a bucket-to-master table refreshed with the slot map would turn this "
+            f"into a list index.)")
+    gaps = [abs(d.coarse_total_cpu_us - d.result.total_cpu_us) for d in run.drives]
+    rel = [g / d.result.total_cpu_us for g, d in zip(gaps, run.drives, strict=True)
+           if d.result.total_cpu_us > 0]
+    if gaps and rel:
+        out.append(
+            f"- **Cross-check of the CPU figures.** psutil's clock-tick count of front + "
+            f"Redis CPU per request differed from the nanosecond count by a median of "
+            f"{statistics.median(gaps):.1f} us ({statistics.median(rel) * 100:.1f}%), at most "
+            f"{max(gaps):.1f} us ({max(rel) * 100:.1f}%) over the {len(gaps)} drives.")
+    idle = {i.setup: i for i in run.idle}
+    if "cluster" in idle and "standalone" in idle:
+        ci, si = idle["cluster"], idle["standalone"]
+        out.append(
+            f"- **Idle.** With no load the cluster's six redis-servers used "
+            f"{ci.master_us_per_s + ci.replica_us_per_s:,.0f} us of CPU per second "
+            f"({(ci.master_us_per_s + ci.replica_us_per_s) / 1e4:.2f}% of one CPU) against "
+            f"{si.master_us_per_s:,.0f} us/s for the standalone server. That background "
+            f"is inside the cluster's Redis CPU per request, a larger share the fewer "
+            f"requests a drive answers; the \"net of idle\" columns take it out.")
+    return out
+
+
+TEMPLATE = """\
+# Benchmarks: Redis Cluster against standalone Redis
+
+Generated by `{command}` on {date}, in {duration:.0f} s. Do not edit by hand:
+rerun the command, which rewrites this file and
+`benchmarks/results/cluster.json` (the raw figures of every drive).
+The single-front benchmark is [benchmarks.md](benchmarks.md).{quick}
+
+## What was measured
+
+- **Standalone**: one redis-server (no persistence) and one front
+  (`python -m workers.cli front --workers 1`, default settings).
+- **Cluster**: `LocalCluster` of `tests/topologies.py`, 3 masters with one
+  replica each made by `redis-cli --cluster create` (no persistence,
+  asynchronous replication, `redis_wait_replicas` 0), and one front with
+  `--redis-mode cluster` (`STUI_REDIS_MODE=cluster`), default settings
+  otherwise. The front's Store sends one pipeline per master holding the
+  calls whose slot that master serves.
+- Both set-ups were up for the whole run, each with {sessions:,} pre-created
+  sessions with {state_bytes:,} B of state ({clients:,} clients x 5), made
+  through its own front. The load generator of `benchmarks/loadgen.py` drove
+  `update_session_state` (a {state_bytes:,} B state), `get_session_info` and
+  `get_session_statistics` (64 script calls, one per bucket) with REQ
+  sockets, {inflights} in flight. Each drive: a warm-up, then at most
+  {run_s} s / {max_req:,} requests.
+- {rounds} round(s); in each round every cell was driven on the standalone set-up
+  and on the cluster back to back, the order reversed every other round.
+  Figures are medians over the rounds, ranges min-max; ratios are
+  cluster median / standalone median, with the min-max of each round's own
+  cluster/standalone ratio in brackets.
+- **CPU per request**: CPU seconds (user + system) just before and after the
+  drive, divided by the answered requests: the front process; the
+  redis-server processes: the one standalone server, against the sum over
+  all six cluster nodes (split into masters and replicas). The load
+  generator's own CPU is listed apart and not included. The seconds are the
+  kernel scheduler's nanosecond count per thread
+  (`/proc/<pid>/task/*/schedstat`), because psutil's `cpu_times()` counts
+  10 ms clock ticks, a step of several us per request per process over a
+  drive; psutil's figure is kept as a cross-check (under Findings).
+- **Net of idle**: the set-up's redis-server CPU with no load at all (measured
+  once, below) times the drive's duration, taken off its Redis CPU. An
+  estimate: it assumes the background (cluster bus, replication pings,
+  `serverCron`) costs the same under load.
+- **Redis reads per request**: `INFO stats` `total_reads_processed`, summed
+  over the masters, per answered request (our own `INFO` calls taken out). Each
+  pipeline the front sends arrives as at least one read, more when it is
+  longer than Redis' 16 KB read buffer (as deep batches of 1 KB updates or of
+  64-call statistics are), so at 1 in flight this counts the front's round
+  trips to Redis, and at 64 it is a lower bound's proxy. EVALSHA per request
+  is from `INFO commandstats` on the masters.
+
+## How to read this (honest notes)
+
+- **All six cluster nodes share this {cpus}-CPU machine** with both fronts, the
+  standalone server and the load generator. A cluster spreads the keyspace over
+  masters so that each can use a CPU of its own; here there are not enough
+  CPUs for that, so **this run cannot show the cluster's scaling**, and its
+  throughput figures are not a prediction for a real cluster on separate hosts.
+- What it does show is **the per-request cost of cluster mode** for one
+  front: the front computes each call's hash slot and groups the calls of a
+  batch by master, then sends one pipeline per master, and waits for each
+  master's replies before sending to the next (`Store._send_by_node` in
+  `service/store.py` goes through the masters one after another). A batch of
+  requests spread over 3 masters costs up to 3 round trips instead of 1, with
+  shallower pipelines on each. `get_session_statistics` touches all 64
+  buckets, which fall on all 3 masters, so even a single request costs one
+  round trip per master.
+- At 1 in flight a session command touches one bucket, hence one master: one
+  round trip, as standalone. At 64 in flight a batch spans the masters.
+- **The replicas are part of the cluster's Redis CPU.** Every write is
+  replicated (the masters feed the replication stream, the replicas apply it);
+  the standalone server has no replica. The "masters only" columns leave the
+  replicas out, which is closer to the cost of cluster mode itself. Reads
+  write too: every session command takes a token from its client's
+  rate-limit bucket (`rate_take` in `service/scripts.py`), so replicas
+  apply something for `get_session_info` as well.
+- The service's keys carry one of 64 bucket hash tags, so the cluster shards by
+  bucket, not by session; the per-master layout below shows how the buckets
+  fell on this cluster's slot ranges.
+- The standalone drives ran with the idle cluster up (and the other way
+  round): the idle CPU of each set-up is measured below, so its share is known.
+- The load generator is one Python thread on the same CPUs: throughput here
+  is capped by it as much as by the servers. CPU per request does not depend
+  on that; latencies include the load generator's own scheduling delays.
+{noisy}
+## Cluster / standalone
+
+{ratio_rows}
+
+## Findings of this run
+
+{findings}
+
+## Per-request figures
+
+Medians over the rounds, taken column by column (so the masters and replicas
+columns need not add up to the all-nodes column exactly).
+
+{figure_rows}
+
+## The set-ups
+
+| set-up | sessions reported by get_session_statistics \
+| per master: port, session hashes, buckets served (of 64) |
+|---|---:|---|
+{layout_rows}
+
+Idle CPU, microseconds per second of wall time, sampled for {idle_s:.0f} s with no load:
+
+| set-up | front | Redis masters | Redis replicas |
+|---|---:|---:|---:|
+{idle_rows}
+
+## Machine
+
+| | |
+|---|---|
+{machine}
+"""
+
+
+def render(run: Run) -> str:
+    cfg = run.config
+    quick = ("\n\n**This is a `--quick` smoke run**: one round of short drives on "
+             f"{cfg.sessions:,} sessions; its figures are rough.") if cfg.quick else ""
+    if run.noisy_at_start or run.noisy_at_end:
+        noisy = ("- **Other benchmark or test processes were running** (at the start: "
+                 f"{'; '.join(run.noisy_at_start) or 'none'}; at the end: "
+                 f"{'; '.join(run.noisy_at_end) or 'none'}): their load is in these figures.\n")
+    else:
+        noisy = ("- No other benchmark or test process (`benchmarks.scaleout`, "
+                 "`benchmarks.soak`, `pytest`) was running at the start or at the end.\n")
+    layout_rows = [
+        f"| {name} | {run.sessions.get(name, 0):,} | "
+        + "; ".join(f"{port}: {sessions:,}, {buckets}" for port, sessions, buckets in rows)
+        + " |"
+        for name, rows in run.layout.items()
+    ]
+    idle_rows = [f"| {i.setup} | {i.front_us_per_s:,.0f} | {i.master_us_per_s:,.0f} | "
+                 f"{i.replica_us_per_s:,.0f} |" for i in run.idle]
+    return TEMPLATE.format(
+        command=run.command, date=run.machine["date"], duration=run.duration_s, quick=quick,
+        sessions=cfg.sessions, clients=cfg.sessions // workload.SESSIONS_PER_CLIENT,
+        state_bytes=len(codec.dumps(workload.state_data(0))),
+        inflights=" and ".join(str(n) for n in cfg.inflights), run_s=cfg.run_seconds,
+        max_req=cfg.max_requests, rounds=cfg.rounds, cpus=run.machine["cpus (nproc)"],
+        noisy=noisy, ratio_rows="\n".join(_ratio_rows(run)),
+        findings="\n".join(_findings(run)), figure_rows="\n".join(_figure_rows(run)),
+        layout_rows="\n".join(layout_rows), idle_s=cfg.idle_seconds,
+        idle_rows="\n".join(idle_rows),
+        machine="\n".join(f"| {k} | {v} |" for k, v in run.machine.items()),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run, about a minute")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    command = shlex.join([".venv/bin/python", "-m", "benchmarks.cluster",
+                          *(sys.argv[1:] if argv is None else argv)])
+    progress = Progress()
+    run = measure_all(cfg, command, progress)
+    out = RESULTS / "quick" if cfg.quick else RESULTS
+    doc = out / "benchmarks-cluster.md" if cfg.quick else REPO / "docs" / "benchmarks-cluster.md"
+    write_json(run, out / "cluster.json")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render(run))
+    progress(f"wrote {out / 'cluster.json'} and {doc}")
+    for row in _ratio_rows(run):
+        progress(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
