@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.metrics import heartbeat_age, heartbeat_path, reap_live_gauges
 from service.settings import Settings
-from service.store import RedisClient, redis_for
+from service.store import RedisClient, RedisTopologyError, redis_for
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
@@ -78,7 +78,7 @@ class HttpApp:
                 quick = {"storage_timeout": self.settings.ready_timeout}
                 self._redis = redis_for(self.settings.model_copy(update=quick))
             self._redis.ping()
-        except (redis.RedisError, OSError, ValueError) as exc:
+        except (redis.RedisError, OSError, ValueError, RedisTopologyError) as exc:
             return f"redis: {type(exc).__name__}"
         return None
 

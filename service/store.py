@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import hiredis
 import redis
@@ -27,6 +28,7 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -89,6 +91,12 @@ def _is_transient(result: Any) -> bool:
 RedisClient = redis.Redis | redis.RedisCluster
 
 
+class RedisTopologyError(RuntimeError):
+    """The configured Redis set-up cannot be used at start (e.g. cluster mode
+    against a node that is not in a cluster). Not a wire error: the process
+    reports it and exits."""
+
+
 def _fail_fast(timeout: float) -> dict[str, Any]:
     """No hidden retries (a retried pipeline could outlive the caller's
     deadline); connect and read bounded by `timeout`."""
@@ -114,7 +122,14 @@ def connect_cluster(url: str, timeout: float, password: str | None = None) -> re
     extra: dict[str, Any] = {"password": password} if password else {}
     fail_fast = _fail_fast(timeout)
     retry = fail_fast.pop("retry")  # RedisCluster takes it as a parameter of its own
-    return redis.RedisCluster.from_url(url, **extra, **fail_fast, retry=retry)
+    try:
+        # Unlike the other clients, this one reads the slot map at once.
+        return redis.RedisCluster.from_url(url, **extra, **fail_fast, retry=retry)
+    except (RedisClusterException, RedisError, OSError) as exc:
+        where = urlsplit(url)
+        raise RedisTopologyError(
+            f"no Redis Cluster reachable at {where.hostname}:{where.port}: {exc}"
+        ) from None
 
 
 def connect_sentinel(settings: Settings) -> redis.Redis:

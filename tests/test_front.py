@@ -357,15 +357,30 @@ def test_redis_password_from_the_environment(
         server.stop()
 
 
-def test_unsupported_redis_mode_fails_at_start(redis_server: EmbeddedRedis) -> None:
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"STUI_REDIS_MODE": "cluster"}, "no Redis Cluster reachable"),
+        ({"STUI_REDIS_MODE": "sentinel"}, "redis_sentinels"),
+        ({"STUI_REDIS_MODE": "sentinel", "STUI_REDIS_SENTINELS": "nohost"}, "host:port"),
+        ({"STUI_REDIS_MODE": "replicated"}, "redis_mode"),
+    ],
+)
+def test_an_unusable_redis_setting_fails_at_start_in_one_line(
+    redis_server: EmbeddedRedis, env: dict[str, str], expected: str
+) -> None:
+    """Cluster mode against a plain Redis, sentinel mode without sentinels, an
+    unknown mode: the front exits non-zero with one error line, no traceback."""
     import subprocess
     import sys
 
     done = subprocess.run(
         [sys.executable, "-m", "workers.cli", "front", "--redis-url", redis_server.url,
          "--bind", f"tcp://127.0.0.1:{free_port()}"],
-        env={**os.environ, "STUI_REDIS_MODE": "cluster"}, capture_output=True, text=True,
+        env={**os.environ, **env}, capture_output=True, text=True,
         timeout=30,
     )
-    assert done.returncode != 0
-    assert "redis_mode" in done.stderr
+    assert done.returncode in (2, 3), done
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

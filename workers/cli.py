@@ -12,8 +12,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service import codec, metrics
 from service.settings import Settings
+from service.store import RedisTopologyError
 from workers import cli_admin, cli_http, cli_ops
 from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
@@ -217,7 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "endpoint", "") is None:
         args.endpoint = ["tcp://127.0.0.1:5555"]
-    return int(args.func(args))
+    # Bad settings or an unusable Redis set-up at start: one clear line for
+    # the operator, not a traceback.
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except RedisTopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
