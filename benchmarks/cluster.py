@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 import redis
@@ -50,6 +50,7 @@ import zmq
 from redis.crc import key_slot
 
 from benchmarks import machine, workload
+from benchmarks.common import Progress, plain
 from benchmarks.loadgen import Body, Kind, LoadGen
 from benchmarks.measure import RunResult
 from benchmarks.servers import REPO, Snapshot, _clean_env, process_cpu, wait_answering
@@ -88,14 +89,6 @@ FULL = Config(quick=False, rounds=5, run_seconds=2.5, warmup_seconds=0.4, max_re
               routing_repeats=2_000)
 QUICK = Config(quick=True, rounds=1, run_seconds=0.3, warmup_seconds=0.1, max_requests=4_000,
                warmup_requests=300, sessions=250, idle_seconds=1.0, routing_repeats=200)
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, line: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
 
 
 # -- the processes ------------------------------------------------------------
@@ -660,23 +653,12 @@ def measure_all(cfg: Config, command: str, progress: Progress) -> Run:
 # -- output -------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def write_json(run: Run, path: Path) -> None:
     data = asdict(run)
     for d, drive in zip(data["drives"], run.drives, strict=True):
         d["op"], d["inflight"] = drive.op, drive.inflight
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(plain(data), indent=1, allow_nan=False) + "\n")
 
 
 def _x(s: Stat) -> str:

@@ -13,38 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from benchmarks import chart, machine, phases, report, targets
+from benchmarks.common import Progress, plain
 from benchmarks.measure import FULL, QUICK, Config
 from benchmarks.servers import REPO, Stack
 
 RESULTS = REPO / "benchmarks" / "results"
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, line: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def write_json(run: report.Run, path: Path) -> None:
@@ -61,7 +41,7 @@ def write_json(run: report.Run, path: Path) -> None:
         "repeated_runs": [asdict(r) for r in run.repeated],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(plain(data), indent=1, allow_nan=False) + "\n")
 
 
 def measure_all(cfg: Config, command: str, progress: Progress) -> report.Run:

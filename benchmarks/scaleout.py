@@ -35,12 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 import zmq
 
 from benchmarks import machine, workload
+from benchmarks.common import Progress, plain
 from benchmarks.loadgen import Body, LoadGen
 from benchmarks.servers import REPO, _clean_env, process_cpu, wait_answering
 from tests.haproxy import HAProxy, find_haproxy
@@ -148,14 +148,6 @@ class Run:
     drives: list[Drive] = field(default_factory=list)
     summaries: list[Summary] = field(default_factory=list)
     duration_s: float = 0.0
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, line: str) -> None:
-        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
 
 
 # -- the processes ------------------------------------------------------------
@@ -412,17 +404,6 @@ def measure_all(cfg: Config, command: str, progress: Callable[[str], None]) -> R
     return run
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def write_json(run: Run, path: Path) -> None:
     data = {
         "command": run.command,
@@ -436,7 +417,7 @@ def write_json(run: Run, path: Path) -> None:
         "drives": [{**asdict(d), "server_cpu_us": d.server_cpu_us} for d in run.drives],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(data), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(plain(data), indent=1, allow_nan=False) + "\n")
 
 
 # -- the report ---------------------------------------------------------------

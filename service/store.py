@@ -225,11 +225,12 @@ class Store:
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         if isinstance(self.client, redis.RedisCluster):
             return self._cluster_pipeline(self.client, calls)
-        return _send(self.client.connection_pool, calls, self.wait)
+        return _send([(self.client.connection_pool, calls)], self.wait)[0]
 
     def _cluster_pipeline(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
         """One pipeline per master, each holding the calls whose first key's
-        slot it serves (every call's keys share one hash tag, so one slot).
+        slot it serves (every call's keys share one hash tag, so one slot);
+        all are written before any is read.
         A MOVED reply means the slot map changed (failover, resharding): it is
         read again and those calls are resent once."""
         results = self._send_by_node(cluster, calls)
@@ -246,12 +247,13 @@ class Store:
         for i, call in enumerate(calls):
             node = cluster.nodes_manager.get_node_from_slot(_slot(call))
             by_node.setdefault(node.name, (node, []))[1].append(i)
-        results: list[Any] = [None] * len(calls)
+        groups: list[tuple[Any, Sequence[Call]]] = []
         for node, indexes in by_node.values():
             if node.redis_connection is None:  # a node only just discovered
                 cluster.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]
-            pool = node.redis_connection.connection_pool
-            replies = _send(pool, [calls[i] for i in indexes], self.wait)
+            groups.append((node.redis_connection.connection_pool, [calls[i] for i in indexes]))
+        results: list[Any] = [None] * len(calls)
+        for (_, indexes), replies in zip(by_node.values(), _send(groups, self.wait), strict=True):
             for i, reply in zip(indexes, replies, strict=True):
                 results[i] = reply
         return results
@@ -285,33 +287,48 @@ def _slot(call: Call) -> int:
     return int(key_slot(key.encode() if isinstance(key, str) else key))
 
 
-def _send(pool: Any, calls: Sequence[Call], wait: tuple[int, int] | None = None) -> list[Any]:
-    """One write of every EVALSHA, then one read per reply, on one pooled
-    connection. redis-py's Pipeline object does the same with several Python
-    calls per command; on the hot path that costs more than the script
-    itself, so commands are packed and replies parsed by hiredis.
-    `wait`: (replicas, ms) for a WAIT after the batch."""
-    conn = pool.get_connection()
+def _send(
+    groups: Sequence[tuple[Any, Sequence[Call]]], wait: tuple[int, int] | None = None
+) -> list[list[Any]]:
+    """Each (connection pool, calls) group as one pipeline on a connection of
+    its pool: every group is written first, then the replies are read, so
+    the batch costs one network round trip however many masters it spans.
+    redis-py's Pipeline object does the same with several Python calls per
+    command; on the hot path that costs more than the script itself, so
+    commands are packed and replies parsed by hiredis.
+    `wait`: (replicas, ms) for a WAIT at the end of each pipeline."""
+    taken: list[tuple[Any, Any]] = []
     try:
-        packed = b"".join(_pack(call) for call in calls)
-        if wait is not None:
-            packed += bytes(hiredis.pack_command(("WAIT", *wait)))  # type: ignore[arg-type]
-        conn.send_packed_command([packed])
-        results: list[Any] = []
-        for _ in calls:
-            try:
-                results.append(conn.read_response())
-            except ResponseError as exc:
-                results.append(exc)
-        if wait is not None:
-            acked = conn.read_response()
-            if int(acked) < wait[0]:
-                log.warning("only %s of %d replicas acknowledged the batch", acked, wait[0])
-                results = [StorageUnavailable() for _ in calls]
-        return results
+        for pool, calls in groups:
+            conn = pool.get_connection()
+            taken.append((pool, conn))
+            packed = b"".join(_pack(call) for call in calls)
+            if wait is not None:
+                packed += bytes(hiredis.pack_command(("WAIT", *wait)))  # type: ignore[arg-type]
+            conn.send_packed_command([packed])
+        return [
+            _read(conn, calls, wait) for (_, conn), (_, calls) in zip(taken, groups, strict=True)
+        ]
     except BaseException:
-        # A half-read connection must never go back to the pool.
-        conn.disconnect()
+        # A half-read connection must never go back to a pool.
+        for _, conn in taken:
+            conn.disconnect()
         raise
     finally:
-        pool.release(conn)
+        for pool, conn in taken:
+            pool.release(conn)
+
+
+def _read(conn: Any, calls: Sequence[Call], wait: tuple[int, int] | None) -> list[Any]:
+    results: list[Any] = []
+    for _ in calls:
+        try:
+            results.append(conn.read_response())
+        except ResponseError as exc:
+            results.append(exc)
+    if wait is not None:
+        acked = conn.read_response()
+        if int(acked) < wait[0]:
+            log.warning("only %s of %d replicas acknowledged the batch", acked, wait[0])
+            results = [StorageUnavailable() for _ in calls]
+    return results

@@ -1,0 +1,29 @@
+"""What every benchmark command shares: progress lines, JSON-safe values."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+
+class Progress:
+    """Prints a line with the seconds since the command started."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {line}", flush=True)
+
+
+def plain(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
