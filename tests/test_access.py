@@ -159,6 +159,19 @@ def test_policy_cli_refuses_bad_ids(redis_server: EmbeddedRedis) -> None:
     assert done.returncode == 2 and "client id pattern" in done.stderr
 
 
+@pytest.mark.parametrize("command", [["policy", "show"], ["keys", "list"]])
+def test_admin_commands_with_redis_down_fail_in_one_line(command: list[str]) -> None:
+    down = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *command, "--redis-url", down],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 3, done
+    assert done.stderr.startswith("error: redis: ") and "Traceback" not in done.stderr
+
+
 def test_one_client_floods_another_is_served(
     start_front: Callable[..., FrontProcess], redis_client: redis.Redis, zmq_context: Ctx
 ) -> None:

@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from service import codec, metrics
 from service.settings import Settings
 from service.store import RedisTopologyError
 from workers import cli_admin, cli_http, cli_ops
-from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
+from workers.cli_common import EXIT_REDIS, EXIT_USAGE, NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
 from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
@@ -229,10 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         print(f"error: invalid settings: {problems}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RedisTopologyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_REDIS
+    except (redis.RedisError, OSError) as exc:  # e.g. an admin command with Redis down
+        print(f"error: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REDIS
 
 
 if __name__ == "__main__":

@@ -15,21 +15,13 @@ from typing import Any
 import zmq.auth
 
 from service import auth, policy
-from service.store import RedisClient, redis_for
-from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
+from service.store import RedisClient
+from workers.cli_common import add_redis_flags, with_redis
 from workers.curve import generate_key_pair
 
 
-def _redis(args: argparse.Namespace) -> RedisClient:
-    settings = settings_from(args)
-    if not settings.redis_configured:
-        raise SystemExit(NO_REDIS)
-    return redis_for(settings)
-
-
 def cmd_policy(args: argparse.Namespace) -> int:
-    client = _redis(args)
-    try:
+    def body(client: RedisClient) -> int:
         if args.action in ("allow", "deny"):
             for value in args.ids:
                 policy.add_rule(client, args.action, value, prefix=args.prefix)
@@ -38,12 +30,9 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 if not policy.remove_rule(client, value, prefix=args.prefix):
                     print(f"{value}: not in any list", file=sys.stderr)
         print(json.dumps(policy.describe_policy(policy.read_policy(client)), indent=2))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        client.close()
-    return 0
+        return 0
+
+    return with_redis(args, body)
 
 
 def register(sub: Any) -> None:
@@ -75,8 +64,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    client = _redis(args)
-    try:
+
+    def body(client: RedisClient) -> int:
         if args.action == "add":
             auth.add_client_key(client, args.client_id, args.public_key)
         elif args.action == "remove" and not auth.remove_client_key(client, args.target):
@@ -84,12 +73,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 1
         # list (and after a change): public keys only, never a secret
         print(json.dumps(auth.read_client_keys(client), indent=2, sort_keys=True))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        client.close()
-    return 0
+        return 0
+
+    return with_redis(args, body)
 
 
 def register_keys(sub: Any) -> None:

@@ -19,12 +19,18 @@ import redis
 from service import backup, restore
 from service.backup import BackupError
 from service.housekeeping import global_figures
-from service.store import RedisClient, redis_for
+from service.store import RedisClient
 from workers import scheduler
-from workers.cli_common import NO_REDIS, add_redis_flags, settings_from
+from workers.cli_common import (
+    EXIT_BAD_FILE,
+    EXIT_REDIS,
+    EXIT_USAGE,
+    NO_REDIS,
+    add_redis_flags,
+    redis_from,
+    settings_from,
+)
 from workers.runtime import configure_logging
-
-EXIT_BAD_FILE, EXIT_USAGE, EXIT_REDIS = 1, 2, 3
 
 
 class ProgressLine:
@@ -58,12 +64,8 @@ class ProgressLine:
 
 
 def _client(args: argparse.Namespace) -> RedisClient:
-    settings = settings_from(args)
-    if not settings.redis_configured:
-        print(f"error: {NO_REDIS}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
     # A one-off command may wait on a slow Redis longer than a request would.
-    return redis_for(settings.model_copy(update={"storage_timeout": 60.0}))
+    return redis_from(args, storage_timeout=60.0)
 
 
 def _redis_failed(exc: Exception) -> int:
