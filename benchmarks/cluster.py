@@ -876,13 +876,12 @@ The single-front benchmark is [benchmarks.md](benchmarks.md).{quick}
   throughput figures are not a prediction for a real cluster on separate hosts.
 - What it does show is **the per-request cost of cluster mode** for one
   front: the front computes each call's hash slot and groups the calls of a
-  batch by master, then sends one pipeline per master, and waits for each
-  master's replies before sending to the next (`Store._send_by_node` in
-  `service/store.py` goes through the masters one after another). A batch of
-  requests spread over 3 masters costs up to 3 round trips instead of 1, with
-  shallower pipelines on each. `get_session_statistics` touches all 64
-  buckets, which fall on all 3 masters, so even a single request costs one
-  round trip per master.
+  batch by master, then writes one pipeline to each master before reading
+  any replies (`Store._send_by_node` and `_send` in `service/store.py`). A
+  batch of requests spread over 3 masters costs one round trip, as
+  standalone, but with shallower pipelines on each master and one read per
+  master. `get_session_statistics` touches all 64 buckets, which fall on all
+  3 masters, so each request is read from every master.
 - At 1 in flight a session command touches one bucket, hence one master: one
   round trip, as standalone. At 64 in flight a batch spans the masters.
 - **The replicas are part of the cluster's Redis CPU.** Every write is
