@@ -769,8 +769,8 @@ def _findings(run: Run) -> list[str]:
         if r_hi <= 1.15 and r_lo >= 1.3:
             # Only said when the two rows bear it out.
             line += (" The same 64 script calls cost about the same in deep pipelines, so the "
-                     f"extra at {lo} in flight goes with the three round trips per request "
-                     "(three reads, three replies, three wake-ups instead of one) rather than "
+                     f"extra at {lo} in flight goes with the three masters each request is read "
+                     "from (three reads and three replies, if in one round trip) rather than "
                      "with running the scripts in cluster mode: an inference from these two "
                      "rows, not profiled.")
         out.append(line)

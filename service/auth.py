@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 import re
 
-import redis
-
 from service import keys
 from service.models import CLIENT_ID_PATTERN
-from service.store import RedisClient
+from service.store import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ class ClientKeyCache:
     def refresh(self) -> None:
         try:
             self.keys = read_client_keys(self.client)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if not self.failing:
                 log.warning("client keys not refreshed (keeping the last): %s", type(exc).__name__)
             self.failing = True

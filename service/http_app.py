@@ -21,11 +21,19 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.metrics import heartbeat_age, heartbeat_path, reap_live_gauges
 from service.settings import Settings
-from service.store import RedisClient, RedisTopologyError, redis_for
+from service.store import REDIS_FAILURES, RedisClient, RedisTopologyError, redis_for
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
 Response = tuple[str, list[tuple[str, str]], bytes]
+
+
+# What /readyz turns into "not ready" rather than an error page.
+_REDIS_NOT_READY: tuple[type[BaseException], ...] = (
+    *REDIS_FAILURES,
+    ValueError,
+    RedisTopologyError,
+)
 
 
 class HttpApp:
@@ -78,7 +86,7 @@ class HttpApp:
                 quick = {"storage_timeout": self.settings.ready_timeout}
                 self._redis = redis_for(self.settings.model_copy(update=quick))
             self._redis.ping()
-        except (redis.RedisError, OSError, ValueError, RedisTopologyError) as exc:
+        except _REDIS_NOT_READY as exc:
             return f"redis: {type(exc).__name__}"
         return None
 

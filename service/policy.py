@@ -17,11 +17,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import redis
-
 from service import keys
 from service.models import CLIENT_ID_PATTERN
-from service.store import RedisClient
+from service.store import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ class PolicyCache:
     def refresh(self) -> None:
         try:
             self.policy = read_policy(self.client)
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if not self.failing:
                 log.warning("policy not refreshed (keeping the last one): %s", type(exc).__name__)
             self.failing = True

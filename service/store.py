@@ -8,6 +8,7 @@ StorageUnavailable within a bounded time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -89,6 +90,11 @@ def _is_transient(result: Any) -> bool:
 
 
 RedisClient = redis.Redis | redis.RedisCluster
+
+# Everything a Redis call can raise when Redis (or, on a Cluster, every node
+# that could tell the slot map) cannot be used right now. RedisClusterException
+# is not a RedisError, so a bare `except RedisError` would let it through.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
 
 
 class RedisTopologyError(RuntimeError):
@@ -180,7 +186,7 @@ class Store:
         # WAIT after each pipeline: the batch is acknowledged only when that
         # many replicas hold it, else every call in it answers
         # StorageUnavailable (a retry with the same request id is safe).
-        self.wait = (wait_replicas, wait_ms) if wait_replicas > 0 else None
+        self.wait = Wait(wait_replicas, wait_ms) if wait_replicas > 0 else None
         self._down_until = 0.0
         # Cluster: after a node failure the slot map is stale; it is read
         # again before the next batch rather than on the failing one, whose
@@ -204,7 +210,8 @@ class Store:
                 again = self._pipeline([calls[i] for i in missing])
                 for i, r in zip(missing, again, strict=True):
                     results[i] = r
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
+            # RedisClusterException: no node could give the slot map.
             self._down_until = time.monotonic() + self.HOLD_AFTER_FAILURE
             self._refresh_slots = True
             log.warning("redis unavailable: %s", type(exc).__name__)
@@ -232,9 +239,11 @@ class Store:
         slot it serves (every call's keys share one hash tag, so one slot);
         all are written before any is read.
         A MOVED reply means the slot map changed (failover, resharding): it is
-        read again and those calls are resent once."""
+        read again and those calls are resent once. ASK (a slot half-way
+        through a migration) is left as a transient refusal: the map is still
+        right, and the client's retry comes after the move."""
         results = self._send_by_node(cluster, calls)
-        moved = [i for i, r in enumerate(results) if isinstance(r, (MovedError, AskError))]
+        moved = [i for i, r in enumerate(results) if isinstance(r, MovedError)]
         if moved:
             cluster.nodes_manager.initialize()
             again = self._send_by_node(cluster, [calls[i] for i in moved])
@@ -288,7 +297,7 @@ def _slot(call: Call) -> int:
 
 
 def _send(
-    groups: Sequence[tuple[Any, Sequence[Call]]], wait: tuple[int, int] | None = None
+    groups: Sequence[tuple[Any, Sequence[Call]]], wait: Wait | None = None
 ) -> list[list[Any]]:
     """Each (connection pool, calls) group as one pipeline on a connection of
     its pool: every group is written first, then the replies are read, so
@@ -304,7 +313,7 @@ def _send(
             taken.append((pool, conn))
             packed = b"".join(_pack(call) for call in calls)
             if wait is not None:
-                packed += bytes(hiredis.pack_command(("WAIT", *wait)))  # type: ignore[arg-type]
+                packed += wait.packed
             conn.send_packed_command([packed])
         return [
             _read(conn, calls, wait) for (_, conn), (_, calls) in zip(taken, groups, strict=True)
@@ -319,16 +328,46 @@ def _send(
             pool.release(conn)
 
 
-def _read(conn: Any, calls: Sequence[Call], wait: tuple[int, int] | None) -> list[Any]:
+def _read(conn: Any, calls: Sequence[Call], wait: Wait | None) -> list[Any]:
     results: list[Any] = []
     for _ in calls:
         try:
             results.append(conn.read_response())
         except ResponseError as exc:
             results.append(exc)
-    if wait is not None:
-        acked = conn.read_response()
-        if int(acked) < wait[0]:
-            log.warning("only %s of %d replicas acknowledged the batch", acked, wait[0])
-            results = [StorageUnavailable() for _ in calls]
-    return results
+    if wait is None:
+        return results
+    try:
+        acked = int(conn.read_response())
+    except ResponseError:  # e.g. a master demoted to a replica refuses WAIT
+        acked = 0
+    if acked >= wait.replicas:
+        return results
+    log.warning("only %d of %d replicas acknowledged the batch", acked, wait.replicas)
+    # This server may be a master on its way out (Sentinel demotes it only
+    # seconds later): a new connection asks the sentinels again.
+    conn.disconnect()
+    # Calls refused with MOVED or NOSCRIPT did not run: keep them, so that
+    # they are resent (to the slot's new master, after loading the scripts).
+    # Everything else may have run but is not acknowledged.
+    return [r if isinstance(r, _NOT_RUN) else StorageUnavailable() for r in results]
+
+
+_NOT_RUN = (MovedError, NoScriptError)
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """WAIT <replicas> <ms> at the end of every pipeline, packed once."""
+
+    replicas: int
+    ms: int
+
+    @property
+    def packed(self) -> bytes:
+        return _packed_wait(self.replicas, self.ms)
+
+
+@functools.cache
+def _packed_wait(replicas: int, ms: int) -> bytes:
+    return bytes(hiredis.pack_command(("WAIT", replicas, ms)))  # type: ignore[arg-type]

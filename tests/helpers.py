@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from typing import Any
 
 from workers.client import Client, RemoteError
 
 
 def code_of(c: Client, command: str, **params: Any) -> str:
-    """"ok" for a success reply, else the error code."""
+    """ "ok" for a success reply, else the error code."""
     try:
         c.call(command, **params)
     except RemoteError as exc:
@@ -29,3 +31,18 @@ def stop_process(
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float, step: float = 0.02, what: str = "the condition"
+) -> Any:
+    """Polls `check` until it returns something true (returned), or fails the
+    test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(step)

@@ -361,6 +361,7 @@ def test_redis_password_from_the_environment(
     ("env", "expected"),
     [
         ({"STUI_REDIS_MODE": "cluster"}, "no Redis Cluster reachable"),
+        ({"STUI_REDIS_MODE": "cluster", "STUI_WORKERS": "2"}, "no Redis Cluster reachable"),
         ({"STUI_REDIS_MODE": "sentinel"}, "redis_sentinels"),
         ({"STUI_REDIS_MODE": "sentinel", "STUI_REDIS_SENTINELS": "nohost"}, "host:port"),
         ({"STUI_REDIS_MODE": "replicated"}, "redis_mode"),

@@ -18,22 +18,11 @@ import redis
 from service import backup, keys, rotation
 from service.leader import LeaderLock, NotLeader, current_leader
 from service.settings import Settings
-from tests.helpers import stop_process
+from tests.helpers import stop_process, wait_for
 from workers.embedded_redis import EmbeddedRedis
 from workers.scheduler import Scheduler
 
 TTL = 1.0  # the lock TTL of these tests (s)
-
-
-def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(step)
 
 
 class SchedulerProcess:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis
@@ -24,6 +25,7 @@ from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store, connect
 from tests.conftest import FrontProcess, RedisTarget
+from tests.helpers import wait_for
 from tests.topologies import LocalSentinel
 from workers.client import Client, NoReply
 from workers.embedded_redis import EmbeddedRedis
@@ -118,21 +120,15 @@ class Probe:
         return bad[-1] - bad[0] if bad else 0.0
 
 
-def wait_until(check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the run did not progress"
-        time.sleep(0.05)
-
-
 def test_forced_failover_under_load_loses_no_acknowledged_write(
     redis_sentinel: LocalSentinel, start_front: Callable[..., FrontProcess], wait_replicas: int
 ) -> None:
     """With WAIT for one replica nothing acknowledged is lost. With Redis's
-    default asynchronous replication, what was acknowledged before the
-    failover began survives, but writes acknowledged by the old master while
-    the replica was already being promoted can be lost: the run reports how
-    many (docs/reliability.md)."""
+    default asynchronous replication, writes acknowledged by the old master
+    while the replica was already being promoted are lost: the run reports
+    how many (docs/reliability.md), and asserts only what holds in both
+    modes (every request answered, nothing worse than StorageUnavailable,
+    recovery without a restart)."""
     front = start_front()
     assert front.proc is not None
     pid = front.proc.pid
@@ -146,7 +142,7 @@ def test_forced_failover_under_load_loses_no_acknowledged_write(
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: all(len(w.acked) >= 20 for w in writers), 30)
+        wait_for(lambda: all(len(w.acked) >= 20 for w in writers), 30)
         before = [list(w.acked) for w in writers]
         failover_started = time.monotonic()
         new_master = redis_sentinel.failover()
@@ -159,7 +155,7 @@ def test_forced_failover_under_load_loses_no_acknowledged_write(
         # The service must take writes again on its own: wait for progress
         # after the switch, then stop.
         marks = [len(w.acked) for w in writers]
-        wait_until(
+        wait_for(
             lambda: all(
                 len(w.acked) >= min(m + 20, MAX_UPDATES) or w.failures
                 for w, m in zip(writers, marks, strict=True)
@@ -209,9 +205,8 @@ def test_forced_failover_under_load_loses_no_acknowledged_write(
         "run_s": round(duration, 1),
     }
     print("\nsentinel failover:", json.dumps(report))
-    assert lost_before == 0
     if wait_replicas:
-        assert lost == 0
+        assert lost == lost_before == 0
         # Lost writes take their version bumps with them, so the count of
         # executions is only exact when nothing was lost.
         assert executed_twice == 0
@@ -225,15 +220,23 @@ def test_wait_without_an_in_sync_replica_acknowledges_nothing(
     a retry with the same id is safe). With WAIT 0 the same batch succeeds."""
     settings = Settings(redis_url=redis_server.url, rate_limit=0, create_rate_limit=0)
     body = b'{"id": "w1", "command": "create_session", "parameters": {"client_id": "w"}}'
-    for wait, expected in ((1, "StorageUnavailable"), (0, None)):
+    count = b'{"command": "get_session_statistics", "parameters": {}}'
+
+    def ask(wait: int, request: bytes) -> dict[str, Any]:
         store = Store(connect(redis_server.url, 2.0), wait_replicas=wait, wait_ms=50)
-        reply = json.loads(Dispatcher(settings, store).handle([body])[0])
-        assert reply.get("error_type") == expected, reply
-    # The refused attempt did run on the master: the retry (same id) was
-    # answered from its replay record, so there is still exactly one session.
-    stats = json.loads(
-        Dispatcher(settings, Store(connect(redis_server.url, 2.0))).handle(
-            [b'{"command": "get_session_statistics", "parameters": {}}']
-        )[0]
+        return dict(json.loads(Dispatcher(settings, store).handle([request])[0]))
+
+    assert ask(1, body)["error_type"] == "StorageUnavailable"
+    # Not acknowledged, yet it ran: the session exists ...
+    assert ask(0, count)["result"]["total_sessions"] == 1
+    # ... and the retry with the same id is answered from its replay record
+    # instead of creating a second one.
+    retried = ask(0, body)
+    assert retried["status"] == "success"
+    assert ask(0, count)["result"]["total_sessions"] == 1
+    assert (
+        ask(0, b'{"command": "list_client_sessions", "parameters": {"client_id": "w"}}')["result"][
+            "sessions"
+        ][0]["session_id"]
+        == retried["result"]["session_id"]
     )
-    assert stats["result"]["total_sessions"] == 1

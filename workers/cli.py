@@ -12,12 +12,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
 from pydantic import ValidationError
 
 from service import codec, metrics
 from service.settings import Settings
-from service.store import RedisTopologyError
+from service.store import REDIS_FAILURES, RedisTopologyError, redis_for
 from workers import cli_admin, cli_http, cli_ops
 from workers.cli_common import EXIT_REDIS, EXIT_USAGE, NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
@@ -31,6 +30,9 @@ def _run_fronts(settings: Settings) -> None:
     if not settings.redis_configured:
         raise SystemExit(NO_REDIS)
     if settings.workers > 1:
+        # Check the Redis set-up here, once: an unusable one is then one
+        # error line, not a traceback from every worker the pool restarts.
+        redis_for(settings).close()
         WorkerPool(settings, settings.bind, settings.workers).run()
         return
     dispatcher, client_keys = build_dispatcher(settings)
@@ -234,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RedisTopologyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REDIS
-    except (redis.RedisError, OSError) as exc:  # e.g. an admin command with Redis down
+    except REDIS_FAILURES as exc:  # e.g. an admin command with Redis down
         print(f"error: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_REDIS
 

@@ -31,7 +31,7 @@ from service import backup, keys, rotation
 from service.housekeeping import global_figures, housekeep
 from service.leader import LeaderLock, NotLeader
 from service.settings import Settings
-from service.store import RedisClient, redis_for
+from service.store import REDIS_FAILURES, RedisClient, redis_for
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Scheduler:
             self._elector.join(timeout=self.settings.leader_ttl)
             try:
                 self.lock.release()
-            except (redis.RedisError, OSError):
+            except REDIS_FAILURES:
                 log.warning("could not release the leader lock; it expires by itself")
             self._set_leading(False)
             log.info("scheduler %s stopped", self.lock.owner)
@@ -121,7 +121,7 @@ class Scheduler:
                         log.warning("lost the leader lock (token %s)", self._led_token)
                 elif self.lock.acquire():
                     log.info("became leader (token %d)", self.lock.token)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("leader lock: redis unavailable (%s)", type(exc).__name__)
             self._set_leading(self.lock.is_leader())
             self.stop.wait(period)
@@ -156,7 +156,7 @@ class Scheduler:
             log.warning("no longer the leader: job abandoned")
         except Stopping:
             log.info("stopping: job abandoned")
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.error("scheduled job failed: %s: %s", type(exc).__name__, exc)
 
     @staticmethod
@@ -170,7 +170,7 @@ class Scheduler:
         self._next_backup = now
         try:
             last = self.client.hgetall(keys.last_backup_key())
-        except (redis.RedisError, OSError):
+        except REDIS_FAILURES:
             return
         if last:
             at = int(last[b"at_ms"]) / 1000
