@@ -232,7 +232,10 @@ class Store:
     def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
         if isinstance(self.client, redis.RedisCluster):
             return self._cluster_pipeline(self.client, calls)
-        return _send([(self.client.connection_pool, calls)], self.wait)[0]
+        outcome = _send([(self.client.connection_pool, calls)], self.wait)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def _cluster_pipeline(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
         """One pipeline per master, each holding the calls whose first key's
@@ -261,10 +264,20 @@ class Store:
             if node.redis_connection is None:  # a node only just discovered
                 cluster.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]
             groups.append((node.redis_connection.connection_pool, [calls[i] for i in indexes]))
+        outcomes = _send(groups, self.wait)
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed and len(failed) == len(outcomes):
+            raise failed[0]  # nothing reachable: the whole batch fails (and holds)
+        if failed:
+            # Some master is down (or failing over): its calls get
+            # StorageUnavailable, the others their replies; the slot map is
+            # read again before the next batch.
+            self._refresh_slots = True
+            log.warning("redis: %d of %d masters unreachable", len(failed), len(outcomes))
         results: list[Any] = [None] * len(calls)
-        for (_, indexes), replies in zip(by_node.values(), _send(groups, self.wait), strict=True):
-            for i, reply in zip(indexes, replies, strict=True):
-                results[i] = reply
+        for (_, indexes), outcome in zip(by_node.values(), outcomes, strict=True):
+            for n, i in enumerate(indexes):
+                results[i] = StorageUnavailable() if isinstance(outcome, Exception) else outcome[n]
         return results
 
     def load_scripts(self) -> None:
@@ -296,28 +309,52 @@ def _slot(call: Call) -> int:
     return int(key_slot(key.encode() if isinstance(key, str) else key))
 
 
+# A connection that failed: that pipeline's fate is unknown, the others' not.
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
 def _send(
     groups: Sequence[tuple[Any, Sequence[Call]]], wait: Wait | None = None
-) -> list[list[Any]]:
+) -> list[list[Any] | Exception]:
     """Each (connection pool, calls) group as one pipeline on a connection of
     its pool: every group is written first, then the replies are read, so
     the batch costs one network round trip however many masters it spans.
     redis-py's Pipeline object does the same with several Python calls per
     command; on the hot path that costs more than the script itself, so
     commands are packed and replies parsed by hiredis.
-    `wait`: (replicas, ms) for a WAIT at the end of each pipeline."""
+    Per group: its replies, or the connection error that cut it off (one
+    master down does not fail the other masters' calls).
+    `wait`: a WAIT at the end of each pipeline."""
     taken: list[tuple[Any, Any]] = []
+    sent: list[Any] = []  # per group: its connection, or the error
     try:
         for pool, calls in groups:
-            conn = pool.get_connection()
+            try:
+                conn = pool.get_connection()  # on failure the pool takes it back
+            except _CONNECTION_ERRORS as exc:
+                sent.append(exc)
+                continue
             taken.append((pool, conn))
             packed = b"".join(_pack(call) for call in calls)
             if wait is not None:
                 packed += wait.packed
-            conn.send_packed_command([packed])
-        return [
-            _read(conn, calls, wait) for (_, conn), (_, calls) in zip(taken, groups, strict=True)
-        ]
+            try:
+                conn.send_packed_command([packed])
+                sent.append(conn)
+            except _CONNECTION_ERRORS as exc:
+                conn.disconnect()
+                sent.append(exc)
+        outcomes: list[list[Any] | Exception] = []
+        for conn, (_, calls) in zip(sent, groups, strict=True):
+            if isinstance(conn, Exception):
+                outcomes.append(conn)
+                continue
+            try:
+                outcomes.append(_read(conn, calls, wait))
+            except _CONNECTION_ERRORS as exc:
+                conn.disconnect()  # half-read: must never be reused
+                outcomes.append(exc)
+        return outcomes
     except BaseException:
         # A half-read connection must never go back to a pool.
         for _, conn in taken:

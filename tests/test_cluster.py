@@ -248,3 +248,26 @@ def test_a_whole_cluster_down_is_storage_unavailable_not_a_crash() -> None:
                 return False
 
         wait_for(answers, 30, step=0.2, what="the store to recover")
+
+
+def test_one_master_down_fails_only_its_calls() -> None:
+    """A statistics-like batch of 64 calls, one per bucket, while one master
+    is dead and not yet replaced: the other masters' calls still answer, the
+    dead master's get StorageUnavailable, and no hold blocks the next batch
+    (its own cluster: the shared one must stay up)."""
+    with LocalCluster(node_timeout_ms=60_000) as cluster:  # no failover during the test
+        store = Store(redis_for(Settings(redis_url=cluster.url, redis_mode="cluster")))
+        batch = [
+            Call(scripts.STATS, [keys.bucket_expiry_key(b), keys.bucket_clients_key(b)], [])
+            for b in range(keys.NUM_BUCKETS)
+        ]
+        assert not any(isinstance(r, Exception) for r in store.run(batch))
+        victim = cluster.masters()[0]
+        assert victim.process is not None
+        victim.process.kill()
+        victim.process.wait()
+        for _ in range(2):  # the second batch comes at once: no hold
+            results = store.run(batch)
+            down = [r for r in results if isinstance(r, StorageUnavailable)]
+            assert 0 < len(down) < keys.NUM_BUCKETS
+            assert all(isinstance(r, StorageUnavailable) or r == [0, 0] for r in results)
