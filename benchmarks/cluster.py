@@ -50,7 +50,7 @@ import zmq
 from redis.crc import key_slot
 
 from benchmarks import machine, workload
-from benchmarks.common import Progress, plain
+from benchmarks.common import RESULTS, Progress, outputs, plain
 from benchmarks.loadgen import Body, Kind, LoadGen
 from benchmarks.measure import RunResult
 from benchmarks.servers import REPO, Snapshot, _clean_env, process_cpu, wait_answering
@@ -60,7 +60,6 @@ from service.store import Call, _slot, redis_for
 from tests.topologies import LocalCluster
 from workers.embedded_redis import EmbeddedRedis, free_port
 
-RESULTS = REPO / "benchmarks" / "results"
 SetupName = Literal["standalone", "cluster"]
 SETUPS: tuple[SetupName, ...] = ("standalone", "cluster")
 OPS = ("update_session_state", "get_session_info", "get_session_statistics")
@@ -979,12 +978,11 @@ def main(argv: list[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     progress = Progress()
     run = measure_all(cfg, command, progress)
-    out = RESULTS / "quick" if cfg.quick else RESULTS
-    doc = out / "benchmarks-cluster.md" if cfg.quick else REPO / "docs" / "benchmarks-cluster.md"
-    write_json(run, out / "cluster.json")
+    data, doc = outputs("cluster", cfg.quick)
+    write_json(run, data)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render(run))
-    progress(f"wrote {out / 'cluster.json'} and {doc}")
+    progress(f"wrote {data} and {doc}")
     for row in _ratio_rows(run):
         progress(row)
     return 0

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
+
+from benchmarks.servers import REPO
+
+RESULTS = REPO / "benchmarks" / "results"
 
 
 class Progress:
@@ -27,3 +32,13 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     return value
 
+
+
+def outputs(name: str, quick: bool) -> tuple[Path, Path]:
+    """(JSON results, markdown report) of `python -m benchmarks.<name>`: a
+    full run writes its report into docs/, a quick one keeps both under
+    benchmarks/results/quick/ so that a smoke run never overwrites figures."""
+    if quick:
+        out = RESULTS / "quick"
+        return out / f"{name}.json", out / f"benchmarks-{name}.md"
+    return RESULTS / f"{name}.json", REPO / "docs" / f"benchmarks-{name}.md"

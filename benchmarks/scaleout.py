@@ -40,13 +40,12 @@ import redis
 import zmq
 
 from benchmarks import machine, workload
-from benchmarks.common import Progress, plain
+from benchmarks.common import RESULTS, Progress, outputs, plain
 from benchmarks.loadgen import Body, LoadGen
 from benchmarks.servers import REPO, _clean_env, process_cpu, wait_answering
 from tests.haproxy import HAProxy, find_haproxy
 from workers.embedded_redis import EmbeddedRedis, free_port
 
-RESULTS = REPO / "benchmarks" / "results"
 OPS = ("update_session_state", "ping")
 INFLIGHT = 64  # REQ sockets, hence connections through HAProxy
 
@@ -617,13 +616,11 @@ def main(argv: list[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     progress = Progress()
     run = measure_all(cfg, command, progress)
-    out_dir = RESULTS / "quick" if cfg.quick else RESULTS
-    doc = out_dir / "benchmarks-scaleout.md" if cfg.quick else REPO / "docs" / \
-        "benchmarks-scaleout.md"
-    write_json(run, out_dir / "scaleout.json")
+    data, doc = outputs("scaleout", cfg.quick)
+    write_json(run, data)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(render(run))
-    progress(f"wrote {out_dir / 'scaleout.json'} and {doc}")
+    progress(f"wrote {data} and {doc}")
     for s in run.summaries:
         progress(f"{s.op} via {s.setup}: {s.throughput:,.0f} req/s "
                  f"({_x(s.throughput_x, s.throughput_x_range)}), "
