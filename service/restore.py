@@ -22,6 +22,7 @@ from service.backup import (
     verify_backup,
 )
 from service.errors import StorageUnavailable
+from service.settings import Settings
 from service.store import Call, RedisClient, Store
 
 
@@ -30,6 +31,7 @@ class RestoreResult:
     restored: int = 0
     expired: int = 0  # expired since the backup: skipped
     newer: int = 0  # Redis holds the same or a newer version: skipped (unless force)
+    over_limit: int = 0  # the client already has its maximum of live sessions: skipped
 
 
 def restore_backup(
@@ -38,10 +40,12 @@ def restore_backup(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    settings: Settings | None = None,
 ) -> RestoreResult:
     """The whole file is verified before the first write: a cut or corrupted
     file raises BackupError and changes nothing. Running it twice is harmless."""
-    return restore_verified(client, verify_backup(path), force=force, progress=progress)
+    verified = verify_backup(path)
+    return restore_verified(client, verified, force=force, progress=progress, settings=settings)
 
 
 def restore_verified(
@@ -50,8 +54,11 @@ def restore_verified(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    settings: Settings | None = None,
 ) -> RestoreResult:
-    """restore_backup for a file that verify_backup has just checked."""
+    """restore_backup for a file that verify_backup has just checked. The
+    limits are those of `settings` (the defaults when None)."""
+    limits = settings or Settings()
     path = verified.path
     result = RestoreResult()
     batch: list[SessionRecord] = []
@@ -61,7 +68,7 @@ def restore_verified(
             batch.append(rec)
             size += _size(rec)
         if batch and (rec is None or len(batch) >= BATCH or size >= BATCH_BYTES):
-            _restore_batch(client, batch, force, result)
+            _restore_batch(client, batch, force, limits, result)
             done += len(batch)
             batch, size = [], 0
             if progress:
@@ -73,6 +80,7 @@ def _restore_batch(
     client: RedisClient,
     batch: list[SessionRecord],
     force: bool,
+    limits: Settings,
     result: RestoreResult,
 ) -> None:
     # Through the Store: one pipeline per master on a Cluster, and scripts
@@ -81,7 +89,7 @@ def _restore_batch(
     for rec in batch:
         sid = rec.session_id
         args: list[str | bytes | int] = ["", "", "", sid, keys.chash_of_session(sid), ""]
-        args += [rec.expires_ms, "1" if force else "0"]
+        args += [rec.expires_ms, "1" if force else "0", limits.max_sessions_per_client]
         for name, value in rec.fields:
             args += [name, value]
         calls.append(Call(scripts.RESTORE_BACKUP, keys.session_keys(sid), args))
@@ -101,5 +109,7 @@ def _restore_batch(
             result.expired += 1
         elif status == b"NEWER":
             result.newer += 1
+        elif status == b"LIMIT":
+            result.over_limit += 1
         else:
             raise RuntimeError(f"unexpected restore reply {reply!r}")

@@ -27,22 +27,31 @@ Every script that grows memory therefore makes an HSET its first write:
 a full Redis refuses it cleanly, before anything changed.
 
 Every script returns an array whose first element is a status: 'OK', or one
-of 'NOTFOUND', 'CONFLICT' (+ current version), 'TOOLARGE', 'LIMIT' (+ live
-count), 'FULL' (+ registry size), 'REUSED' (request id reused with other
-parameters), 'COLLISION' (a new session id already exists).
+of 'NOTFOUND', 'CONFLICT' (+ current version), 'TOOLARGE' (over the byte
+cap), 'TOOMANYKEYS' (over the state key cap), 'LIMIT' (+ live count), 'FULL'
+(+ registry size), 'REUSED' (request id reused with other parameters),
+'COLLISION' (a new session id already exists).
 
 Session hash fields: c client id, ca created (ms), lm last modified (ms),
-to timeout (s), v version, a active (1/0), ci client_info JSON, sb state
-bytes, xb context bytes, s:<key> state entries, w workspace_context,
-wv its variable count, i inspector_state, ih its history length,
-so its selected object, o:<id> registry entries, rn registry size,
-e:<n> evaluation history entries, en newest entry number, eo oldest.
+to timeout (s), v version, a active (1/0), ci client_info JSON, cb its
+bytes, sb state bytes, sn state key count, xb context bytes, s:<key> state
+entries, w workspace_context, wv its variable count, i inspector_state, ih
+its history length, so its selected object, o:<id> registry entries, rn
+registry size, e:<n> evaluation history entries, en newest entry number, eo
+oldest. Sessions written before cb and sn existed get them on their first
+write (load_meta counts them once).
+
+Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
+bytes (service/limits.py). A write that would make it cost more than the cap
+is refused, unless it costs no more than before (shrinking always works).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from service import limits
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Script:
 
 _PRELUDE = r"""
 local sid, chash = ARGV[4], ARGV[5]
+local OVERHEAD = __ENTRY_OVERHEAD__  -- service.limits.ENTRY_OVERHEAD
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -99,13 +109,38 @@ local function replay_save(reply, n)
   redis.call('SET', KEYS[5], table.concat(parts, '\0'), 'PX', ARGV[3])
 end
 
+-- Field names of the session hash that start with prefix.
+local function prefixed(prefix)
+  local out, n = {}, #prefix
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(f, 1, n) == prefix then out[#out + 1] = f end
+  end
+  return out
+end
+
 -- The session's metadata, or nil when it is gone or another client's.
 local function load_meta()
-  local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb')
+  local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb',
+    'cb', 'sn', 'rn', 'en', 'eo')
   if not m[1] then return nil end
   if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
-  return {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
-          v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]), xb = tonumber(m[8])}
+  local meta = {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
+    v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]), xb = tonumber(m[8]),
+    cb = tonumber(m[9]), sn = tonumber(m[10]), rn = tonumber(m[11]) or 0,
+    en = tonumber(m[12]) or 0, eo = tonumber(m[13]) or 1}
+  if not meta.cb then meta.cb = redis.call('HSTRLEN', KEYS[1], 'ci') end
+  if not meta.sn then meta.sn = #prefixed('s:') end
+  return meta
+end
+
+local function cost(m)
+  return m.sb + m.xb + m.cb + OVERHEAD * (m.sn + m.rn + m.en - m.eo + 1)
+end
+
+-- True when the write that turned `before` (a cost) into m may not go ahead.
+local function too_large(m, before, cap)
+  local after = cost(m)
+  return after > tonumber(cap) and after > before
 end
 
 local function entry_expiry(packed)
@@ -130,7 +165,8 @@ local function touch(m, now)
 end
 
 local function save_meta(m)
-  redis.call('HSET', KEYS[1], 'v', str(m.v), 'lm', str(m.lm), 'sb', str(m.sb), 'xb', str(m.xb))
+  redis.call('HSET', KEYS[1], 'v', str(m.v), 'lm', str(m.lm), 'sb', str(m.sb), 'xb', str(m.xb),
+    'cb', str(m.cb), 'sn', str(m.sn), 'rn', str(m.rn), 'en', str(m.en), 'eo', str(m.eo))
 end
 
 -- After a session is gone: prune dead index entries and recompute the
@@ -150,15 +186,6 @@ local function client_refresh(now)
   if latest > 0 then redis.call('ZADD', KEYS[4], str(latest), chash)
   else redis.call('ZREM', KEYS[4], chash) end
   return live
-end
-
--- Field names of the session hash that start with prefix.
-local function prefixed(prefix)
-  local out, n = {}, #prefix
-  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if string.sub(f, 1, n) == prefix then out[#out + 1] = f end
-  end
-  return out
 end
 
 -- unpack() has a stack limit: send long argument lists in chunks.
@@ -222,7 +249,8 @@ end
 
 
 def _script(name: str, body: str) -> Script:
-    return Script(name, _PRELUDE + body)
+    prelude = _PRELUDE.replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
+    return Script(name, prelude + body)
 
 
 CREATE = _script(
@@ -250,7 +278,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
 local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1, sb = 0, xb = 0}
 -- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
-  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'rn', '0', 'en', '0', 'eo', '1')
+  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'sn', '0', 'cb', str(#ARGV[8]),
+  'rn', '0', 'en', '0', 'eo', '1')
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
@@ -289,9 +318,11 @@ UPDATE = _script(
     r"""
 -- update_session_state: top-level merge (or replace) of the state.
 -- ARGV[7] expected version or '', ARGV[8] '1' to replace the whole state,
---   ARGV[9] max state+context bytes, ARGV[10..] key, JSON value pairs ('' removes the key).
+--   ARGV[9] max session bytes, ARGV[10] max state keys,
+--   ARGV[11..] key, JSON value pairs ('' removes the key), each key once.
 -- Returns {'OK', version, last_modified_ms, 's:key', json, ...} (the state after
---   the update) | {'NOTFOUND'} | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
+--   the update) | {'NOTFOUND'} | {'CONFLICT', version} | {'TOOLARGE'}
+--   | {'TOOMANYKEYS'} | {'REUSED'}.
 local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
@@ -300,26 +331,27 @@ local m = load_meta()
 if not m then return {'NOTFOUND'} end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local replace = ARGV[8] == '1'
-local sb = m.sb
+local before, keys_before = cost(m), m.sn
 local old = {}
 if replace then
-  sb = 0
+  m.sb, m.sn = 0, 0
   old = prefixed('s:')
 end
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   if not replace then
     local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
-    if n > 0 then sb = sb - #ARGV[i] - n end
+    if n > 0 then m.sb, m.sn = m.sb - #ARGV[i] - n, m.sn - 1 end
   end
-  if ARGV[i + 1] ~= '' then sb = sb + #ARGV[i] + #ARGV[i + 1] end
+  if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + #ARGV[i] + #ARGV[i + 1], m.sn + 1 end
 end
-if sb + m.xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
+if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} end
+if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
 local now = now_ms()
-m.v, m.lm, m.sb = m.v + 1, now, sb
+m.v, m.lm = m.v + 1, now
 save_meta(m)  -- first write: refused cleanly by a full Redis
 chunked('HDEL', KEYS[1], old)
 local sets, dels = {}, {}
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   if ARGV[i + 1] == '' then dels[#dels + 1] = 's:' .. ARGV[i]
   else sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1] end
 end
@@ -429,7 +461,7 @@ SAVE_CONTEXT = _script(
     "save_context",
     r"""
 -- save_context: replace the parts of the context that the request names.
--- ARGV[7] expected version or '', ARGV[8] max state+context bytes,
+-- ARGV[7] expected version or '', ARGV[8] max session bytes,
 --   ARGV[9] workspace_context JSON ('-' untouched, '' clear), ARGV[10] its variable count,
 --   ARGV[11] inspector_state JSON ('-' untouched, '' clear), ARGV[12] its history length,
 --   ARGV[13] its selected object JSON,
@@ -444,6 +476,7 @@ if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
+local before = cost(m)
 local xb = m.xb
 local w, ins = ARGV[9], ARGV[11]
 if w ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'w') + #w end
@@ -467,9 +500,12 @@ if nhist >= 0 then
   for _, f in ipairs(old_hist) do xb = xb - redis.call('HSTRLEN', KEYS[1], f) end
   for k = 0, nhist - 1 do xb = xb + #ARGV[hist_at + k] end
 end
-if m.sb + xb > tonumber(ARGV[8]) then return {'TOOLARGE'} end
+m.xb = xb
+if nreg >= 0 then m.rn = nreg end
+if nhist >= 0 then m.eo = m.en + 1; m.en = m.en + nhist end
+if too_large(m, before, ARGV[8]) then return {'TOOLARGE'} end
 local now = now_ms()
-m.v, m.lm, m.xb = m.v + 1, now, xb
+m.v, m.lm = m.v + 1, now
 save_meta(m)  -- first write: refused cleanly by a full Redis
 if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
 elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[10]) end
@@ -483,20 +519,15 @@ if nreg >= 0 then
     sets[#sets + 1] = ARGV[reg_at + 2 * k + 1]
   end
   chunked('HSET', KEYS[1], sets)
-  redis.call('HSET', KEYS[1], 'rn', str(nreg))
 end
 if nhist >= 0 then
   chunked('HDEL', KEYS[1], old_hist)
-  local en = tonumber(redis.call('HGET', KEYS[1], 'en')) or 0
-  local eo = en + 1
   local sets = {}
   for k = 0, nhist - 1 do
-    en = en + 1
-    sets[#sets + 1] = 'e:' .. str(en)
+    sets[#sets + 1] = 'e:' .. str(m.eo + k)
     sets[#sets + 1] = ARGV[hist_at + k]
   end
   chunked('HSET', KEYS[1], sets)
-  redis.call('HSET', KEYS[1], 'en', str(en), 'eo', str(eo))
 end
 touch(m, now)
 local reply = {'OK', m.v, now, xb}
@@ -568,14 +599,13 @@ if has('o') then
   for _, f in ipairs(prefixed('o:')) do
     xb = xb - (#f - 2) - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
   end
-  redis.call('HSET', KEYS[1], 'rn', '0')
+  m.rn = 0
 end
 if has('e') then
   for _, f in ipairs(prefixed('e:')) do
     xb = xb - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
   end
-  local en = tonumber(redis.call('HGET', KEYS[1], 'en')) or 0
-  redis.call('HSET', KEYS[1], 'eo', str(en + 1))
+  m.eo = m.en + 1
 end
 chunked('HDEL', KEYS[1], del)
 local now = now_ms()
@@ -592,7 +622,7 @@ RECORD_EVALUATION = _script(
     "record_evaluation",
     r"""
 -- record_evaluation: append to the history, keeping the newest entries.
--- ARGV[7] entry JSON, ARGV[8] history limit, ARGV[9] max state+context bytes.
+-- ARGV[7] entry JSON, ARGV[8] history limit, ARGV[9] max session bytes.
 -- Returns {'OK', evaluation_count, version} | {'NOTFOUND'} | {'TOOLARGE'} | {'REUSED'}.
 local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
@@ -600,8 +630,8 @@ local r = replay_lookup()
 if r then return r end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local h = redis.call('HMGET', KEYS[1], 'en', 'eo')
-local en, eo = (tonumber(h[1]) or 0) + 1, tonumber(h[2]) or 1
+local before = cost(m)
+local en, eo = m.en + 1, m.eo
 local limit = tonumber(ARGV[8])
 local xb = m.xb + #ARGV[7]
 local evict = {}
@@ -611,11 +641,12 @@ while en - eo + 1 > limit do
   evict[#evict + 1] = f
   eo = eo + 1
 end
-if m.sb + xb > tonumber(ARGV[9]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7], 'en', str(en), 'eo', str(eo))
+m.en, m.eo, m.xb = en, eo, xb
+if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7])
 chunked('HDEL', KEYS[1], evict)
 local now = now_ms()
-m.v, m.lm, m.xb = m.v + 1, now, xb
+m.v, m.lm = m.v + 1, now
 save_meta(m)
 touch(m, now)
 local reply = {'OK', en - eo + 1, m.v}
@@ -628,7 +659,7 @@ REGISTER_OBJECT = _script(
     "register_object",
     r"""
 -- register_object: add or replace one registry entry.
--- ARGV[7] object id, ARGV[8] entry JSON, ARGV[9] registry cap, ARGV[10] max state+context bytes.
+-- ARGV[7] object id, ARGV[8] entry JSON, ARGV[9] registry cap, ARGV[10] max session bytes.
 -- Returns {'OK', registry_size, version} | {'NOTFOUND'} | {'FULL', size} | {'TOOLARGE'}
 --   | {'REUSED'}.
 local limited = rate_take(KEYS[6], ARGV[6])
@@ -639,17 +670,17 @@ local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
-local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
-if old == 0 and rn >= tonumber(ARGV[9]) then return {'FULL', rn} end
-local xb = m.xb + #ARGV[8]
-if old == 0 then xb = xb + #ARGV[7]; rn = rn + 1 else xb = xb - old end
-if m.sb + xb > tonumber(ARGV[10]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], f, ARGV[8], 'rn', str(rn))
+if old == 0 and m.rn >= tonumber(ARGV[9]) then return {'FULL', m.rn} end
+local before = cost(m)
+m.xb = m.xb + #ARGV[8]
+if old == 0 then m.xb, m.rn = m.xb + #ARGV[7], m.rn + 1 else m.xb = m.xb - old end
+if too_large(m, before, ARGV[10]) then return {'TOOLARGE'} end
+redis.call('HSET', KEYS[1], f, ARGV[8])
 local now = now_ms()
-m.v, m.lm, m.xb = m.v + 1, now, xb
+m.v, m.lm = m.v + 1, now
 save_meta(m)
 touch(m, now)
-local reply = {'OK', rn, m.v}
+local reply = {'OK', m.rn, m.v}
 replay_save(reply, 3)
 return reply
 """,
@@ -669,19 +700,16 @@ local m = load_meta()
 if not m then return {'NOTFOUND'} end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
-local rn = tonumber(redis.call('HGET', KEYS[1], 'rn')) or 0
 local now = now_ms()
 local released = 0
 if old > 0 then
   released = 1
-  rn = rn - 1
   redis.call('HDEL', KEYS[1], f)
-  redis.call('HSET', KEYS[1], 'rn', str(rn))
-  m.v, m.lm, m.xb = m.v + 1, now, m.xb - #ARGV[7] - old
+  m.v, m.lm, m.xb, m.rn = m.v + 1, now, m.xb - #ARGV[7] - old, m.rn - 1
   save_meta(m)
 end
 touch(m, now)
-local reply = {'OK', released, rn, m.v}
+local reply = {'OK', released, m.rn, m.v}
 replay_save(reply, 4)
 return reply
 """,
@@ -692,15 +720,21 @@ RESTORE_BACKUP = _script(
     r"""
 -- restore_backup: put one session from a backup file back (stui-sessions restore),
 -- with its remaining TTL, and rebuild its three index entries as touch() does.
+-- The fields were validated and their sizes recomputed by service/restore.py;
+-- this script adds what only Redis can check: the clock and the client's
+-- live sessions.
 -- KEYS[1..4] as every session script (no replay, no rate limit). ARGV[1..3], ARGV[6]: ''.
 -- ARGV[7] absolute expiry (ms), ARGV[8] '1' to overwrite a newer or equal version,
---   ARGV[9..] the session hash as field, value pairs (c, ca, lm, to, v, a among them).
--- Returns {'OK'} | {'EXPIRED'} | {'NEWER', stored version}.
+--   ARGV[9] max live sessions per client,
+--   ARGV[10..] the session hash as field, value pairs (c, ca, lm, to, v, a among them).
+-- The expiry is brought back to now + timeout when it lies beyond it (a
+-- backup read on a node whose clock was ahead).
+-- Returns {'OK'} | {'EXPIRED'} | {'NEWER', stored version} | {'LIMIT', live}.
 local now = now_ms()
 local exp = tonumber(ARGV[7])
 if exp <= now then return {'EXPIRED'} end
 local m, sets, keep = {}, {}, {}
-for i = 9, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   local f = ARGV[i]
   sets[#sets + 1] = f; sets[#sets + 1] = ARGV[i + 1]; keep[f] = true
   if f == 'ca' or f == 'lm' or f == 'to' or f == 'v' or f == 'a' then
@@ -709,6 +743,17 @@ for i = 9, #ARGV, 2 do
 end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v'))
 if stored and ARGV[8] ~= '1' and stored >= m.v then return {'NEWER', stored} end
+exp = math.min(exp, now + m.to * 1000)
+local entry = redis.call('HGET', KEYS[2], sid)
+if not (stored and entry and entry_expiry(entry) > now) then
+  -- A session new to the client: it must fit under the client's limit.
+  local live = 0
+  local entries = redis.call('HGETALL', KEYS[2])
+  for i = 2, #entries, 2 do
+    if entry_expiry(entries[i]) > now then live = live + 1 end
+  end
+  if live >= tonumber(ARGV[9]) then return {'LIMIT', live} end
+end
 -- First write: refused cleanly by a full Redis (see the module docstring).
 chunked('HSET', KEYS[1], sets)
 local extra = {}

@@ -9,6 +9,12 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+# Room above max_request_bytes in which a message still arrives and is
+# answered PayloadTooLarge; beyond it libzmq drops the peer.
+TRANSPORT_SLACK = 64 * 1024
+# The fixed fields of a reply around a whole session (ids, timestamps,
+# counts, the envelope), well above what they take.
+REPLY_SLACK = 64 * 1024
 
 
 class Settings(BaseSettings):
@@ -42,6 +48,33 @@ class Settings(BaseSettings):
     max_registry_size: int = Field(default=1000, ge=1)
     max_request_bytes: int = Field(default=10 * MIB, ge=1024)
     replay_window: int = Field(default=120, ge=1)
+    # Bounds on what one request may make Redis do (docs/security.md lists
+    # each with the attack it answers). client_info counts toward
+    # max_state_bytes too; every stored entry (state key, registry entry,
+    # history entry) is counted with service.limits.ENTRY_OVERHEAD bytes.
+    max_client_info_bytes: int = Field(default=64 * 1024, ge=2)
+    # Top-level state keys a session may hold; also the most keys one
+    # update may name (sets and removals together).
+    max_state_keys: int = Field(default=1000, ge=1)
+
+    # Front memory: every figure below is per front worker process.
+    # Inbound bytes one peer may have queued in libzmq: the receive
+    # high-water mark is this divided by transport_max_bytes (at least 4).
+    peer_inbound_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # Reply bytes one peer may have waiting to be sent: the send high-water
+    # mark is this divided by the largest reply (at least 4). A peer that
+    # does not read loses the replies beyond it.
+    peer_outbound_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # One batch takes at most batch_max messages and about this many request
+    # bytes (always at least one message).
+    batch_max_bytes: int = Field(default=16 * MIB, ge=MIB)
+    # One Redis round trip carries calls whose replies may total at most
+    # this (by each command's largest possible reply); a batch above it
+    # goes to Redis in several round trips.
+    batch_reply_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # get_session_statistics is answered from figures at most this old
+    # (s), read once per worker: like Redis' INFO, a snapshot.
+    stats_max_age: float = Field(default=1.0, ge=0, le=1.0)
 
     # Runtime behaviour.
     storage_timeout: float = Field(default=2.0, gt=0)
@@ -72,6 +105,10 @@ class Settings(BaseSettings):
     backup_interval: float = Field(default=60.0, gt=0)  # minutes
     backup_keep: int = Field(default=24, ge=1)  # files kept, newest first
     backup_max_age_days: float = Field(default=7.0, gt=0)  # older files are removed
+    # The HMAC-SHA256 key that signs backup files (never written into them):
+    # the key itself, or a file holding it. See docs/operations.md.
+    backup_key: SecretStr | None = None
+    backup_key_file: Path | None = None
 
     # Metrics and health (stui-sessions http). The metrics directory is
     # prometheus-client's own variable, without the STUI_ prefix; every process
@@ -87,6 +124,8 @@ class Settings(BaseSettings):
     def _check_redis_mode(self) -> Settings:
         if self.redis_mode == "sentinel" and not self.sentinel_addresses:
             raise ValueError("redis_mode sentinel needs redis_sentinels (host:port,...)")
+        if self.backup_key is not None and self.backup_key_file is not None:
+            raise ValueError("set backup_key or backup_key_file, not both")
         return self
 
     @property
@@ -134,4 +173,26 @@ class Settings(BaseSettings):
         """Messages above this are dropped by libzmq itself (it disconnects the
         peer) so that one client cannot make a worker allocate without bound.
         Between max_request_bytes and this, the request gets PayloadTooLarge."""
-        return self.max_request_bytes * 4
+        return self.max_request_bytes + TRANSPORT_SLACK
+
+    @property
+    def client_info_cap(self) -> int:
+        """client_info counts toward max_state_bytes, so it can never exceed it."""
+        return min(self.max_client_info_bytes, self.max_state_bytes)
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The largest reply any command can produce: a whole session
+        (state, context and client_info within max_state_bytes) plus the
+        fixed fields around it."""
+        return self.max_state_bytes + REPLY_SLACK
+
+    @property
+    def peer_recv_hwm(self) -> int:
+        """ZMQ_RCVHWM per peer: peer_inbound_bytes in messages of the largest size."""
+        return max(4, self.peer_inbound_bytes // self.transport_max_bytes)
+
+    @property
+    def peer_send_hwm(self) -> int:
+        """ZMQ_SNDHWM per peer: peer_outbound_bytes in replies of the largest size."""
+        return max(4, self.peer_outbound_bytes // self.max_reply_bytes)

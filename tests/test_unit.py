@@ -324,7 +324,7 @@ def test_default_timeout_setting_applies(fake_dispatcher: Callable[..., Dispatch
     assert ask(d, "create_session", client_id="t")["result"]["timeout"] == 77
     limits = ask(d, "describe")["result"]["limits"]
     assert (limits["min_timeout"], limits["max_timeout"]) == (1, 2_592_000)
-    assert limits["transport_max_bytes"] == 4 * limits["max_request_bytes"]
+    assert limits["transport_max_bytes"] == limits["max_request_bytes"] + 64 * 1024
 
 
 def test_sentinel_settings_are_checked_at_start() -> None:

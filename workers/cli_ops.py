@@ -114,7 +114,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     client = _client(args)
     progress = ProgressLine("restoring", info.sessions)
     try:
-        result = restore.restore_verified(client, info, force=args.force, progress=progress)
+        result = restore.restore_verified(
+            client, info, force=args.force, progress=progress, settings=settings_from(args)
+        )
     except BackupError as exc:  # the file changed since it was verified
         return _bad_file(exc)
     except redis.RedisError as exc:
@@ -123,7 +125,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         client.close()
     progress.finish(
         f"restored {result.restored} sessions; skipped {result.expired} expired, "
-        f"{result.newer} with the same or a newer version in Redis"
+        f"{result.newer} with the same or a newer version in Redis, "
+        f"{result.over_limit} over their client's session limit"
     )
     return 0
 

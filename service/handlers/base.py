@@ -85,8 +85,15 @@ def check(raw: Any, settings: Settings) -> list[Any]:
         raise VersionConflict(current_version=int(raw[1]))
     if status == b"TOOLARGE":
         raise PayloadTooLarge(
-            f"session state plus context would exceed {settings.max_state_bytes} bytes",
+            f"the session (state, context and client_info) would exceed "
+            f"{settings.max_state_bytes} bytes",
             limit_bytes=settings.max_state_bytes,
+        )
+    if status == b"TOOMANYKEYS":
+        raise PayloadTooLarge(
+            f"the session state would hold more than {settings.max_state_keys} keys",
+            limit=settings.max_state_keys,
+            field="state_data",
         )
     if status == b"LIMIT":
         raise SessionLimitExceeded(limit=settings.max_sessions_per_client)

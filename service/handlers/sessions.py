@@ -6,6 +6,7 @@ from typing import Any
 
 from service import keys, models, scripts
 from service.codec import Fragment
+from service.errors import PayloadTooLarge
 from service.handlers.base import (
     Ctx,
     Plan,
@@ -28,6 +29,12 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     s = ctx.settings
     timeout = p.timeout if p.timeout is not None else s.default_timeout
     info = encode_value(p.client_info, "client_info") if p.client_info is not None else b""
+    if len(info) > s.client_info_cap:
+        raise PayloadTooLarge(
+            f"client_info larger than {s.client_info_cap} bytes",
+            limit_bytes=s.client_info_cap,
+            field="client_info",
+        )
     chash = keys.client_hash(p.client_id)
     bucket = keys.bucket_of(chash)
     sid = keys.new_session_id(chash)
@@ -165,12 +172,18 @@ def session_contents(h: dict[bytes, bytes]) -> Result:
 
 def update_session_state(p: models.UpdateSessionState, ctx: Ctx) -> Plan:
     sid = require_session_id(p.session_id)
+    limit = ctx.settings.max_state_keys
+    if len(p.state_data) > limit:
+        # Refused before Redis: one update may name at most this many keys.
+        raise PayloadTooLarge(
+            f"state_data names more than {limit} keys", limit=limit, field="state_data"
+        )
     pairs: list[str | bytes | int] = []
     for key, value in p.state_data.items():
         pairs.append(key)
         pairs.append(b"" if value is None else encode_value(value, f"state_data.{key}"))
     expected = "" if p.expected_version is None else str(p.expected_version)
-    extra = [expected, "1" if p.replace else "0", ctx.settings.max_state_bytes, *pairs]
+    extra = [expected, "1" if p.replace else "0", ctx.settings.max_state_bytes, limit, *pairs]
     call = session_call(ctx, scripts.UPDATE, sid, p.client_id, extra, replay=True)
 
     def finish(raw: list[Any]) -> Result:
