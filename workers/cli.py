@@ -26,6 +26,9 @@ from workers.multiproc import WorkerPool
 from workers.runtime import build_dispatcher, configure_logging
 
 
+SERVE_BIND = "tcp://127.0.0.1:5555"
+
+
 def _run_fronts(settings: Settings) -> None:
     if not settings.redis_configured:
         raise SystemExit(NO_REDIS)
@@ -69,9 +72,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     front in this process, a scheduler and the HTTP server as children."""
     settings = settings_from(args)
     configure_logging(settings)
+    # A local run listens on loopback only, unless told otherwise: with CURVE
+    # off, anyone who reaches the port can use any client's sessions.
+    bind = settings.bind if "bind" in settings.model_fields_set else SERVE_BIND
     with _redis_for(settings) as url, _companions(settings, url) as metrics_dir:
-        print(f"stui-sessions serving on {settings.bind}", file=sys.stderr)
-        update = {"redis_url": url, "metrics_dir": metrics_dir}
+        print(f"stui-sessions serving on {bind}", file=sys.stderr)
+        update = {"redis_url": url, "metrics_dir": metrics_dir, "bind": bind}
         _run_fronts(settings.model_copy(update=update))
     return 0
 
@@ -162,9 +168,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     return 1 if Client.error_code(reply) else 0
 
 
-def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+def _add_settings_flags(p: argparse.ArgumentParser, default_bind: str) -> None:
     add_redis_flags(p)
-    p.add_argument("--bind", help="ZeroMQ endpoint to bind (STUI_BIND), default tcp://0.0.0.0:5555")
+    p.add_argument("--bind", help=f"ZeroMQ endpoint to bind (STUI_BIND), default {default_bind}")
     p.add_argument("--workers", type=int, help="front worker processes (STUI_WORKERS)")
     p.add_argument(
         "--shutdown-grace",
@@ -179,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     front = sub.add_parser("front", help="run front workers against a Redis")
-    _add_settings_flags(front)
+    _add_settings_flags(front, "tcp://0.0.0.0:5555")
     front.set_defaults(func=cmd_front)
 
     serve = sub.add_parser("serve", help="one-command local run (embedded Redis if none is set)")
-    _add_settings_flags(serve)
+    _add_settings_flags(serve, SERVE_BIND)
     serve.add_argument(
         "--data-dir",
         dest="data_dir",
