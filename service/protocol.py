@@ -102,12 +102,25 @@ def _guess(body: bytes) -> ReplyTo:
     return ReplyTo("envelope" if b'"payload"' in body[:65536] else "command")
 
 
+def _param_path(path: str) -> str:
+    """A path inside the parameters is named as validation errors name them."""
+    for prefix in ("parameters.", "payload.data.params."):
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
 def decode(body: bytes, max_bytes: int) -> Request:
     if len(body) > max_bytes:
         too_large = PayloadTooLarge(f"request larger than {max_bytes} bytes", limit_bytes=max_bytes)
         raise DecodeError(too_large, _guess(body))
+    wide: InvalidRequest | None = None
     try:
         obj = codec.loads(body)
+    except codec.WideInteger as exc:
+        # Refused, but the message parsed: the reply can still carry its id.
+        obj = exc.value
+        wide = InvalidRequest(str(exc)[:300], field=_param_path(exc.path)[:256])
     except codec.JSONError as exc:
         invalid = InvalidRequest(f"not valid JSON: {exc}"[:300])
         raise DecodeError(invalid, _guess(body)) from None
@@ -116,6 +129,15 @@ def decode(body: bytes, max_bytes: int) -> Request:
     reply_to = ReplyTo("envelope" if "payload" in obj else "command")
     try:
         reply_to.id = request_id(obj)
+        if wide is not None:
+            raise wide
+        if reply_to.encoding == "envelope" and ("command" in obj or "parameters" in obj):
+            # Serving it as either would let two readers of one message
+            # (a proxy, a log, this service) disagree about what it asks.
+            raise InvalidRequest(
+                "a request is either the command form or the envelope form, not both",
+                field="payload",
+            )
     except StuiError as exc:
         raise DecodeError(exc, reply_to) from None
     if reply_to.encoding == "envelope":

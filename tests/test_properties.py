@@ -20,6 +20,7 @@ run in seconds. The properties:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,10 +69,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not strict JSON")
 
 
+def _finite_int(text: str) -> int:
+    if math.isinf(float(text)):  # serde_json: "number out of range"
+        raise ValueError(f"{text[:20]}... overflows a double")
+    return int(text)
+
+
 def strict_loads(raw: bytes) -> Any:
     """RFC 8259 as serde_json and JSON.parse read it: UTF-8, no NaN or Infinity,
-    no number that overflows a double, no lone surrogate."""
-    obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    no number that overflows a double (integers included), no lone surrogate."""
+    obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_finite_int)
     # Lone surrogate escapes parse in Python but in no strict parser.
     json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
     return obj
@@ -188,6 +195,31 @@ json_values: st.SearchStrategy[Any] = st.recursive(
     max_leaves=12,
 )
 json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+
+# What the service holds exactly: integers within 64 bits (wider ones are
+# refused with InvalidRequest, see test_wide_integers_are_refused_not_rounded).
+I64_MIN, U64_MAX = -(2**63), 2**64 - 1
+
+
+def _fits(value: Any) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool) or I64_MIN <= value <= U64_MAX
+
+
+exact_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=I64_MIN, max_value=U64_MAX)
+    | st.sampled_from([n for n in HUGE_NUMBERS if _fits(n)])
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+exact_values: st.SearchStrategy[Any] = st.recursive(
+    exact_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def to_body(value: Any, ascii_only: bool) -> bytes:
@@ -515,7 +547,7 @@ def test_arbitrary_parameters_never_internal_error(
 # --- state round trip ---------------------------------------------------------------
 
 state_values = st.recursive(
-    json_scalars,
+    exact_scalars,
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -562,7 +594,7 @@ def update_ops(draw: st.DrawFn) -> tuple[bool, dict[str, Any], str]:
     """(replace, state_data, which expected_version: none, right or wrong)."""
     replace = draw(st.integers(0, 4)) == 0
     state_data = draw(
-        st.dictionaries(st.sampled_from(MODEL_KEYS), st.none() | json_values, max_size=5)
+        st.dictionaries(st.sampled_from(MODEL_KEYS), st.none() | exact_values, max_size=5)
     )
     version = draw(st.sampled_from(["none", "none", "right", "wrong"]))
     return replace, state_data, version
@@ -607,3 +639,25 @@ def test_updates_match_a_dict_model(
     restored = result_of(ask(d, "restore_session", session_id=sid))
     assert canonical(restored["session_state"]) == canonical(model)
     assert restored["version"] == version
+
+
+@settings(SETTINGS, max_examples=100)
+@given(
+    wide=st.integers(min_value=U64_MAX + 1) | st.integers(max_value=I64_MIN - 1),
+    encoding=st.sampled_from(["command", "envelope"]),
+)
+def test_wide_integers_are_refused_not_rounded(
+    fake_dispatcher: MakeDispatcher, wide: int, encoding: Encoding
+) -> None:
+    """An integer orjson would turn into a float is InvalidRequest naming its
+    field, with the request's id; the state is unchanged."""
+    d = fake_dispatcher()
+    sid = result_of(ask(d, "create_session", client_id=OWNER))["session_id"]
+    reply = valid_reply(
+        ask(d, "update_session_state", encoding, session_id=sid, state_data={"n": [1, wide]})
+    )
+    assert reply.code == "InvalidRequest", reply
+    assert reply.details["field"] == "state_data.n.1"
+    assert reply.encoding == encoding
+    restored = result_of(ask(d, "restore_session", session_id=sid))
+    assert restored["session_state"] == {} and restored["version"] == 1

@@ -295,9 +295,8 @@ AWKWARD: dict[str, Any] = {
     "nested": {"a": [[], {}, [{}], {"b": []}], "c": [[[]]]},
     "unicode": "Smalltalk ✓ — 日本語 🦜 \u202eRTL\u202c",
     "escapes": 'quote " backslash \\ nul \u0000 newline \n tab \t',
-    "big_int": 2**70,
-    "neg_big_int": -(2**80) - 1,
     "max_u64": 2**64 - 1,
+    "min_i64": -(2**63),
     "float": 0.1,
     "small": 5e-324,
     "huge_float": 1.7976931348623157e308,
@@ -320,13 +319,13 @@ def test_awkward_json_round_trips(client: Client) -> None:
     restored = client.call("restore_session", session_id=sid)
     assert json.dumps(restored["session_state"], sort_keys=True) == expected
     assert restored["client_info"] == {"a": [], "b": {}}
-    assert isinstance(restored["session_state"]["big_int"], int)
+    assert isinstance(restored["session_state"]["max_u64"], int)
     assert str(restored["session_state"]["neg_zero"]) == "-0.0"
 
     context = {
         "workspace_context": {"variables": [], "x": AWKWARD},
         "inspector_state": {"history": [], "selected_object": None},
-        "object_registry": {"ö": {"n": 2**65}, "o:1": []},
+        "object_registry": {"ö": {"n": 2**64 - 1}, "o:1": []},
         "evaluation_history": [[], {}, AWKWARD],
     }
     client.call("save_context", session_id=sid, context=context)
@@ -335,12 +334,22 @@ def test_awkward_json_round_trips(client: Client) -> None:
 
 
 def test_raw_bytes_are_strict_json(client: Client) -> None:
-    """The reply for big integers keeps every digit on the wire."""
+    """64-bit integers keep every digit on the wire; a wider one is refused
+    (not rounded), with the request's id and the field that holds it."""
     sid = client.call("create_session", client_id="raw")["session_id"]
-    body = (
-        '{"id": 1, "command": "update_session_state", "parameters": {"session_id": "'
-        + sid
-        + '", "state_data": {"n": 123456789012345678901234567890}}}'
-    ).encode()
-    reply = client.send_raw(body)
-    assert reply["result"]["session_state"]["n"] == 123456789012345678901234567890
+
+    def update(number: str) -> dict[str, Any]:
+        body = (
+            '{"id": 1, "command": "update_session_state", "parameters": {"session_id": "'
+            + sid
+            + '", "state_data": {"n": '
+            + number
+            + "}}}"
+        ).encode()
+        return client.send_raw(body)
+
+    assert update("18446744073709551615")["result"]["session_state"]["n"] == 2**64 - 1
+    refused = update("123456789012345678901234567890")
+    assert refused["id"] == 1 and refused["error_type"] == "InvalidRequest"
+    assert refused["details"] == {"field": "state_data.n"}
+    assert client.call("restore_session", session_id=sid)["session_state"] == {"n": 2**64 - 1}

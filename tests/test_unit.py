@@ -130,12 +130,39 @@ def test_codec_refuses_what_is_not_strict_json(text: bytes) -> None:
         codec.loads(text)
 
 
-def test_codec_keeps_big_integers_exact() -> None:
-    text = b'{"a": 123456789012345678901234567890, "b": [-18446744073709551617, 0.1]}'
-    value = codec.loads(text)
-    assert value["a"] == 123456789012345678901234567890
+def test_codec_holds_64_bit_integers_exactly_and_refuses_wider_ones() -> None:
+    edges = b'{"a": 18446744073709551615, "b": [-9223372036854775808, 0.1], "c": "1234567890123456789012"}'
+    value = codec.loads(edges)
+    assert value["a"] == 2**64 - 1 and value["b"][0] == -(2**63)
     assert codec.loads(codec.dumps(value)) == value
-    assert b"Infinity" not in codec.dumps(value)
+    for wide, path in (
+        (b'{"a": 123456789012345678901234567890}', "a"),
+        (b'{"a": 1, "b": [0, -18446744073709551617]}', "b.1"),
+        (b'{"x": {"y": -9223372036854775809}}', "x.y"),
+        (b"[18446744073709551616]", "0"),
+        (b'{"a": [1.5e20, 100000000000000000000]}', "a.1"),
+    ):
+        with pytest.raises(codec.WideInteger) as refused:
+            codec.loads(wide)
+        assert refused.value.path == path
+    # Floats that large stay floats, even next to a long digit run.
+    floats = b'{"a": 1.7976931348623157e308, "b": 1e19, "c": 1E20, "d": 1000000000000000000}'
+    assert codec.loads(floats)["a"] == 1.7976931348623157e308
+    # Stored before the rule (values are stored as their JSON text): written back exactly.
+    assert codec.dumps({"n": 2**70}) == b'{"n":1180591620717411303424}'
+
+
+def test_a_long_digit_run_costs_no_second_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One parser for every message: a 19-digit run inside a string used to
+    switch the whole message to the standard library's parser."""
+    import json
+
+    def forbidden(*_: object, **__: object) -> object:
+        raise AssertionError("the standard library parser ran")
+
+    monkeypatch.setattr(json, "loads", forbidden)
+    body = b'{"id": 1, "command": "ping", "parameters": {"message": "1234567890123456789012"}}'
+    assert codec.loads(body)["parameters"]["message"] == "1234567890123456789012"
 
 
 @pytest.mark.parametrize(

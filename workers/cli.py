@@ -25,7 +25,6 @@ from workers.front import FrontWorker
 from workers.multiproc import WorkerPool
 from workers.runtime import build_dispatcher, configure_logging
 
-
 SERVE_BIND = "tcp://127.0.0.1:5555"
 
 

@@ -93,6 +93,7 @@ def check(raw: Any, settings: Settings) -> list[Any]:
         raise PayloadTooLarge(
             f"the session state would hold more than {settings.max_state_keys} keys",
             limit=settings.max_state_keys,
+            limit_bytes=settings.max_state_bytes,
             field="state_data",
         )
     if status == b"LIMIT":

@@ -176,7 +176,10 @@ def update_session_state(p: models.UpdateSessionState, ctx: Ctx) -> Plan:
     if len(p.state_data) > limit:
         # Refused before Redis: one update may name at most this many keys.
         raise PayloadTooLarge(
-            f"state_data names more than {limit} keys", limit=limit, field="state_data"
+            f"state_data names more than {limit} keys",
+            limit=limit,
+            limit_bytes=ctx.settings.max_state_bytes,
+            field="state_data",
         )
     pairs: list[str | bytes | int] = []
     for key, value in p.state_data.items():
