@@ -58,14 +58,27 @@ class ClientKeyCache:
     def __init__(self, client: RedisClient) -> None:
         self.client = client
         self.keys: dict[str, str] = {}
+        # The client ids that have a key, and their hashes (the prefix of
+        # their session ids): what a plain front refuses to serve.
+        self.clients: frozenset[str] = frozenset()
+        self.hashes: frozenset[str] = frozenset()
         self.failing = False  # log the change of state, not every failed read
 
     def client_for(self, public_key: str | None) -> str | None:
         return self.keys.get(public_key) if public_key else None
 
+    def registered(self, client_id: str | None, session_owner_hash: str | None) -> bool:
+        """True when the client, or the owner of the session, has a key."""
+        return (client_id is not None and client_id in self.clients) or (
+            session_owner_hash is not None and session_owner_hash in self.hashes
+        )
+
     def refresh(self) -> None:
         try:
-            self.keys = read_client_keys(self.client)
+            found = read_client_keys(self.client)
+            ids = frozenset(found.values())
+            hashes = frozenset(keys.client_hash(c) for c in ids)
+            self.keys, self.clients, self.hashes = found, ids, hashes
         except REDIS_FAILURES as exc:
             if not self.failing:
                 log.warning("client keys not refreshed (keeping the last): %s", type(exc).__name__)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service import audit, keys
+from service.auth import ClientKeyCache
 from service.errors import (
     ClientNotAllowed,
     InternalError,
@@ -32,6 +33,7 @@ from service.models import CLIENT_ID_PATTERN
 from service.policy import Policy, PolicyCache
 from service.protocol import DecodeError, ReplyTo, decode, encode_error, encode_success, validate
 from service.settings import Settings
+from service.statistics import StatsCache
 from service.store import Call, Store
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,12 @@ _CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 
 @dataclass(slots=True)
 class _Pending:
+    n: int  # the request's place in the batch
     reply_to: ReplyTo
     command: Command
     plan: Plan
-    first_call: int
     client_id: str | None
+    first_call: int = 0
 
 
 class _Refused(DecodeError):
@@ -59,7 +62,9 @@ class _Refused(DecodeError):
 class Dispatcher:
     """Requests in, replies out. `identities`, when given, are the client ids
     that transport authentication (CURVE) bound to each request; None for a
-    request whose key is unknown or was removed."""
+    request whose key is unknown or was removed. `peers`, when given, are the
+    network addresses the requests came from (the replay scope with CURVE
+    off)."""
 
     def __init__(
         self,
@@ -67,74 +72,122 @@ class Dispatcher:
         store: Store,
         policy: PolicyCache | None = None,
         authenticated: bool = False,
+        curve_clients: ClientKeyCache | None = None,
     ) -> None:
+        """curve_clients: on a front without CURVE, the registered CURVE keys;
+        a client that has one is served by CURVE fronts only."""
         self.settings = settings
         self.store = store
         self.policy = policy
         self.authenticated = authenticated
+        self.curve_clients = curve_clients
         self.started_at = time.monotonic()
         self.command_names = tuple(COMMANDS)
         self.rate_spec = settings.rate_spec()
         self.create_rate_spec = settings.rate_spec(create=True)
         self.metrics = front_metrics(settings)
+        self.stats = StatsCache(settings.stats_max_age)
 
     def handle(
         self,
         bodies: Sequence[bytes],
         identities: Sequence[str | None] | None = None,
         outcomes: list[tuple[str, str]] | None = None,
+        peers: Sequence[str] | None = None,
     ) -> list[bytes]:
-        """With `outcomes`, each request's (command, outcome) is appended to
-        it, in order: the labels of its metrics."""
-        policy = self.policy.current() if self.policy is not None else None
+        """Every reply, in request order (see handle_iter)."""
         replies: list[bytes | None] = [None] * len(bodies)
-        labels: list[tuple[str, str]] = [(INVALID, InternalError.code)] * len(bodies)
-        pending: list[tuple[int, _Pending]] = []
-        calls: list[Call] = []
-        for n, body in enumerate(bodies):
-            identity = identities[n] if identities is not None else None
-            try:
-                command, plan, reply_to, client_id = self._plan(body, identity, policy)
-            except DecodeError as exc:
-                replies[n] = encode_error(exc.reply_to, exc.error)
-                command_label = exc.command if isinstance(exc, _Refused) else INVALID
-                labels[n] = (command_label, exc.error.code)
-                continue
-            if not plan.calls:
-                replies[n], labels[n] = self._finish(reply_to, command, plan, [], client_id)
-                continue
-            pending.append((n, _Pending(reply_to, command, plan, len(calls), client_id)))
-            calls.extend(plan.calls)
-        if pending:
-            try:
-                results = self.store.run(calls)
-            except Exception as exc:  # one batch's failure must not end the worker
-                error = exc if isinstance(exc, StuiError) else InternalError()
-                if not isinstance(exc, StuiError):
-                    log.exception("store failed")
-                # Raised while handling a Redis exception: Redis failed just
-                # now (not the store's short hold after a failure).
-                elif self.metrics is not None and exc.__context__ is not None:
-                    self.metrics.redis_error()
-                for n, p in pending:
-                    replies[n] = encode_error(p.reply_to, error)
-                    labels[n] = (p.command.name, error.code)
-            else:
-                if self.metrics is not None:
-                    refused = sum(1 for r in results if isinstance(r, StorageUnavailable))
-                    if refused:
-                        self.metrics.redis_error(refused)
-                for n, p in pending:
-                    own = results[p.first_call : p.first_call + len(p.plan.calls)]
-                    replies[n], labels[n] = self._finish(
-                        p.reply_to, p.command, p.plan, own, p.client_id
-                    )
-        if outcomes is not None:
-            outcomes.extend(labels)
+        for n, reply in self.handle_iter(bodies, identities, outcomes, peers):
+            replies[n] = reply
         return [r if r is not None else encode_error(ReplyTo(), InternalError()) for r in replies]
 
+    def handle_iter(
+        self,
+        bodies: Sequence[bytes],
+        identities: Sequence[str | None] | None = None,
+        outcomes: list[tuple[str, str]] | None = None,
+        peers: Sequence[str] | None = None,
+    ) -> Iterator[tuple[int, bytes]]:
+        """(index, reply) for every request, as each is ready: refusals and
+        answers that need no Redis first, then round trip by round trip. A
+        round trip carries calls whose replies may total batch_reply_bytes at
+        most (by each command's largest possible reply), so what Redis sends
+        back at once, and what this process holds of it, stays bounded
+        whatever the sessions hold. With `outcomes`, each request's
+        (command, outcome) is appended to it in request order once the
+        iterator is exhausted: the labels of its metrics."""
+        policy = self.policy.current() if self.policy is not None else None
+        labels: list[tuple[str, str]] = [(INVALID, InternalError.code)] * len(bodies)
+        pending: list[_Pending] = []
+        for n, body in enumerate(bodies):
+            identity = identities[n] if identities is not None else None
+            peer = peers[n] if peers is not None else ""
+            try:
+                command, plan, reply_to, client_id = self._plan(body, identity, peer, policy)
+            except DecodeError as exc:
+                command_label = exc.command if isinstance(exc, _Refused) else INVALID
+                labels[n] = (command_label, exc.error.code)
+                yield n, encode_error(exc.reply_to, exc.error)
+                continue
+            if not plan.calls and not (plan.needs_stats and not self.stats.fresh()):
+                reply, labels[n] = self._finish(reply_to, command, plan, [], client_id)
+                yield n, reply
+                continue
+            pending.append(_Pending(n, reply_to, command, plan, client_id))
+        budget, group = self.settings.batch_reply_bytes, list[_Pending]()
+        used = 0
+        for p in pending:
+            bound = p.command.reply_bound(self.settings)
+            if group and used + bound > budget:
+                yield from self._round_trip(group, labels)
+                group, used = [], 0
+            group.append(p)
+            used += bound
+        if group:
+            yield from self._round_trip(group, labels)
+        if outcomes is not None:
+            outcomes.extend(labels)
+
+    def _round_trip(
+        self, group: list[_Pending], labels: list[tuple[str, str]]
+    ) -> Iterator[tuple[int, bytes]]:
+        calls: list[Call] = []
+        refresh = 0
+        if any(p.plan.needs_stats for p in group) and not self.stats.fresh():
+            calls = self.stats.refresh_calls()
+            refresh = len(calls)
+        for p in group:
+            p.first_call = len(calls)
+            calls.extend(p.plan.calls)
+        try:
+            results = self.store.run(calls)
+        except Exception as exc:  # one batch's failure must not end the worker
+            error = exc if isinstance(exc, StuiError) else InternalError()
+            if not isinstance(exc, StuiError):
+                log.exception("store failed")
+            # Raised while handling a Redis exception: Redis failed just
+            # now (not the store's short hold after a failure).
+            elif self.metrics is not None and exc.__context__ is not None:
+                self.metrics.redis_error()
+            if refresh:
+                self.stats.fail(error)
+            for p in group:
+                labels[p.n] = (p.command.name, error.code)
+                yield p.n, encode_error(p.reply_to, error)
+            return
+        if refresh:
+            self.stats.absorb(results[:refresh])
+        if self.metrics is not None:
+            refused = sum(1 for r in results if isinstance(r, StorageUnavailable))
+            if refused:
+                self.metrics.redis_error(refused)
+        for p in group:
+            own = results[p.first_call : p.first_call + len(p.plan.calls)]
+            reply, labels[p.n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
+            yield p.n, reply
+
     def _plan(
-        self, body: bytes, identity: str | None, policy: Policy | None
+        self, body: bytes, identity: str | None, peer: str, policy: Policy | None
     ) -> tuple[Command, Plan, ReplyTo, str | None]:
         request = decode(body, self.settings.max_request_bytes)
         reply_to = request.reply_to
@@ -164,6 +217,8 @@ class Dispatcher:
                 policy = None
             if policy is not None:
                 self._apply_policy(policy, client_id, params.get("session_id"), command.name)
+            if self.curve_clients is not None and self.curve_clients.keys:
+                self._curve_only(client_id, params.get("session_id"), command.name)
             validated = validate(command.params, params)
             ctx = Ctx(
                 settings=self.settings,
@@ -174,6 +229,8 @@ class Dispatcher:
                 command_names=self.command_names,
                 rate_spec=self.rate_spec,
                 create_rate_spec=self.create_rate_spec,
+                requester=f"key:{identity}" if self.authenticated else f"addr:{peer}",
+                stats=self.stats,
             )
             return command, command.handler(validated, ctx), reply_to, client_id
         except StuiError as exc:
@@ -192,6 +249,19 @@ class Dispatcher:
         if named != identity:
             audit.refused("authentication", identity, command, claimed=str(named)[:128])
             raise ClientNotAllowed("client_id does not match the authenticated client")
+
+    def _curve_only(self, client_id: str | None, session_id: Any, command: str) -> None:
+        """On a front without CURVE: a client with a registered CURVE key is
+        served by CURVE fronts only, so that plain fronts running beside
+        CURVE ones (a migration) cannot be used to claim its id or reach its
+        sessions."""
+        assert self.curve_clients is not None
+        owner = None
+        if isinstance(session_id, str) and keys.is_session_id(session_id):
+            owner = keys.chash_of_session(session_id)
+        if self.curve_clients.registered(client_id, owner):
+            audit.refused("curve_only", client_id, command, session_owner_hash=owner)
+            raise ClientNotAllowed("this client authenticates with CURVE: use a CURVE endpoint")
 
     @staticmethod
     def _apply_policy(policy: Policy, client_id: str | None, session_id: Any, command: str) -> None:

@@ -108,6 +108,12 @@ class FrontMetrics:
             "Redis round trips that failed and calls Redis refused.",
             registry=registry,
         )
+        self.replies_dropped = Counter(
+            "stui_sessions_replies_dropped_total",
+            "Replies not sent: the peer's queue was full (it does not read) or it was gone.",
+            ["reason"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "stui_sessions_batch_size",
             "Requests read and answered together (one Redis pipeline).",
@@ -185,6 +191,10 @@ class FrontMetrics:
 
     def redis_error(self, count: int = 1) -> None:
         self.redis_errors.inc(count)  # rare: written at once
+
+    def reply_dropped(self, reason: str) -> None:
+        """reason: 'full' (the peer's send queue) or 'gone' (the peer left)."""
+        self.replies_dropped.labels("full" if reason == "full" else "gone").inc()
 
     def _counter(self, command: str, outcome: str) -> Counter:
         child = self._counters.get((command, outcome))

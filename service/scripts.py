@@ -42,7 +42,7 @@ oldest. Sessions written before cb and sn existed get them on their first
 write (load_meta counts them once).
 
 Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
-bytes (service/limits.py). A write that would make it cost more than the cap
+bytes (service/limits.py), keys counted as a reply writes them (klen). A write that would make it cost more than the cap
 is refused, unless it costs no more than before (shrinking always works).
 """
 
@@ -141,6 +141,14 @@ end
 local function too_large(m, before, cap)
   local after = cost(m)
   return after > tonumber(cap) and after > before
+end
+
+-- A key's bytes as a reply writes it (service.limits.key_weight): JSON
+-- escapes a control character in up to 6 bytes, and " and \\ in 2.
+local function klen(k)
+  local _, ctrl = string.gsub(k, '[%z\1-\31]', '')
+  local _, esc = string.gsub(k, '["\\]', '')
+  return #k + 5 * ctrl + esc
 end
 
 local function entry_expiry(packed)
@@ -340,9 +348,9 @@ end
 for i = 11, #ARGV, 2 do
   if not replace then
     local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
-    if n > 0 then m.sb, m.sn = m.sb - #ARGV[i] - n, m.sn - 1 end
+    if n > 0 then m.sb, m.sn = math.max(0, m.sb - klen(ARGV[i]) - n), m.sn - 1 end
   end
-  if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + #ARGV[i] + #ARGV[i + 1], m.sn + 1 end
+  if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + klen(ARGV[i]) + #ARGV[i + 1], m.sn + 1 end
 end
 if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} end
 if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
@@ -487,8 +495,10 @@ local reg_at = pos + 1
 local old_reg, old_hist = {}, {}
 if nreg >= 0 then
   old_reg = prefixed('o:')
-  for _, f in ipairs(old_reg) do xb = xb - (#f - 2) - redis.call('HSTRLEN', KEYS[1], f) end
-  for k = 0, nreg - 1 do xb = xb + #ARGV[reg_at + 2 * k] + #ARGV[reg_at + 2 * k + 1] end
+  for _, f in ipairs(old_reg) do
+    xb = xb - klen(string.sub(f, 3)) - redis.call('HSTRLEN', KEYS[1], f)
+  end
+  for k = 0, nreg - 1 do xb = xb + klen(ARGV[reg_at + 2 * k]) + #ARGV[reg_at + 2 * k + 1] end
   pos = reg_at + 2 * nreg
 else
   pos = reg_at
@@ -597,7 +607,7 @@ if has('i') then
 end
 if has('o') then
   for _, f in ipairs(prefixed('o:')) do
-    xb = xb - (#f - 2) - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
+    xb = xb - klen(string.sub(f, 3)) - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
   end
   m.rn = 0
 end
@@ -673,7 +683,7 @@ local old = redis.call('HSTRLEN', KEYS[1], f)
 if old == 0 and m.rn >= tonumber(ARGV[9]) then return {'FULL', m.rn} end
 local before = cost(m)
 m.xb = m.xb + #ARGV[8]
-if old == 0 then m.xb, m.rn = m.xb + #ARGV[7], m.rn + 1 else m.xb = m.xb - old end
+if old == 0 then m.xb, m.rn = m.xb + klen(ARGV[7]), m.rn + 1 else m.xb = m.xb - old end
 if too_large(m, before, ARGV[10]) then return {'TOOLARGE'} end
 redis.call('HSET', KEYS[1], f, ARGV[8])
 local now = now_ms()
@@ -705,7 +715,7 @@ local released = 0
 if old > 0 then
   released = 1
   redis.call('HDEL', KEYS[1], f)
-  m.v, m.lm, m.xb, m.rn = m.v + 1, now, m.xb - #ARGV[7] - old, m.rn - 1
+  m.v, m.lm, m.xb, m.rn = m.v + 1, now, math.max(0, m.xb - klen(ARGV[7]) - old), m.rn - 1
   save_meta(m)
 end
 touch(m, now)

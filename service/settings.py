@@ -58,13 +58,15 @@ class Settings(BaseSettings):
     max_state_keys: int = Field(default=1000, ge=1)
 
     # Front memory: every figure below is per front worker process.
-    # Inbound bytes one peer may have queued in libzmq: the receive
-    # high-water mark is this divided by transport_max_bytes (at least 4).
-    peer_inbound_bytes: int = Field(default=64 * MIB, ge=MIB)
-    # Reply bytes one peer may have waiting to be sent: the send high-water
-    # mark is this divided by the largest reply (at least 4). A peer that
-    # does not read loses the replies beyond it.
-    peer_outbound_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # Messages one peer may have queued in libzmq (ZMQ_RCVHWM): at most
+    # this many of transport_max_bytes each. Beyond it libzmq stops reading
+    # that peer's connection (TCP pushes back; nothing is lost).
+    peer_recv_queue: int = Field(default=16, ge=1, le=10_000)
+    # Messages of one peer that one batch takes; the rest wait for the next
+    # batch. Replies waiting to go to one peer are capped at twice this
+    # (ZMQ_SNDHWM), each at most max_reply_bytes: a peer that does not read
+    # loses the replies beyond it, as Redis' client-output-buffer-limit does.
+    peer_batch_max: int = Field(default=32, ge=1, le=10_000)
     # One batch takes at most batch_max messages and about this many request
     # bytes (always at least one message).
     batch_max_bytes: int = Field(default=16 * MIB, ge=MIB)
@@ -188,11 +190,17 @@ class Settings(BaseSettings):
         return self.max_state_bytes + REPLY_SLACK
 
     @property
-    def peer_recv_hwm(self) -> int:
-        """ZMQ_RCVHWM per peer: peer_inbound_bytes in messages of the largest size."""
-        return max(4, self.peer_inbound_bytes // self.transport_max_bytes)
+    def peer_send_hwm(self) -> int:
+        """ZMQ_SNDHWM per peer: room for two batches' worth of its replies, so
+        that a peer that reads never loses one to a burst."""
+        return 2 * self.peer_batch_max
 
     @property
-    def peer_send_hwm(self) -> int:
-        """ZMQ_SNDHWM per peer: peer_outbound_bytes in replies of the largest size."""
-        return max(4, self.peer_outbound_bytes // self.max_reply_bytes)
+    def peer_inbound_bytes(self) -> int:
+        """The most request bytes one peer can have queued in a front."""
+        return self.peer_recv_queue * self.transport_max_bytes
+
+    @property
+    def peer_outbound_bytes(self) -> int:
+        """The most reply bytes one peer can have waiting in a front."""
+        return self.peer_send_hwm * self.max_reply_bytes

@@ -1,9 +1,21 @@
 """The ZeroMQ front worker: a ROUTER socket in front of the dispatcher.
 
-One thread, one loop: wait for a message, take every message already queued
-(up to batch_max), answer them all from one Redis pipeline, repeat. Requests
-that arrive while a batch is at Redis form the next batch, so many requests
-in flight cost few round trips.
+One thread, one loop: wait for a message, take what is already queued (a
+batch), answer it from as few Redis round trips as its bounds allow, repeat.
+Requests that arrive while a batch is at Redis form the next batch, so many
+requests in flight cost few round trips.
+
+What one peer can make this process hold is bounded by settings, not by
+what it sends (docs/security.md):
+- inbound: libzmq queues at most peer_recv_queue messages per peer, each at
+  most transport_max_bytes (a larger one makes libzmq drop the peer);
+- a batch takes at most batch_max messages and about batch_max_bytes, and at
+  most peer_batch_max messages of one peer (the rest wait, in arrival order,
+  for the next batch); libzmq reads its peers in turn, so one peer's queue
+  never holds another's first request back by more than a batch;
+- outbound: at most peer_send_hwm replies wait for one peer, each at most
+  max_reply_bytes; a reply to a peer whose queue is full is dropped and
+  counted, as Redis' client-output-buffer-limit does.
 
 Frames: a ROUTER prepends the peer's routing id. REQ clients and well-behaved
 DEALER clients send an empty delimiter frame, then the body; a DEALER that
@@ -16,6 +28,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from types import FrameType
 
 import zmq
@@ -51,9 +64,11 @@ class FrontWorker:
     ) -> None:
         """connect/routing_frames: behind the multi-process proxy the worker
         connects to it, and each message carries the proxy's routing id too.
-        client_keys: CURVE is on; with forwarded_identity the proxy did the
-        handshake and put the client's public key in the frame after its own
-        routing id, else this worker's socket is the CURVE server."""
+        forwarded_identity: behind the multi-process proxy, which puts in the
+        frame after its own routing id what it knows of the peer: its CURVE
+        public key (client_keys given: CURVE on, the proxy did the handshake)
+        or its network address. Otherwise this worker's socket is the CURVE
+        server, or reads the address itself."""
         self.settings = settings
         self.dispatcher = dispatcher
         self.endpoint = endpoint
@@ -69,6 +84,8 @@ class FrontWorker:
         self.stopping = False
         self.served = 0
         self._drain_deadline = 0.0
+        # Messages read beyond their peer's share of a batch, for the next one.
+        self._carried: deque[tuple[list[bytes], str | None]] = deque()
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -82,12 +99,8 @@ class FrontWorker:
 
     def open_socket(self) -> zmq.Socket[bytes]:
         sock = self.context.socket(zmq.ROUTER)
-        # libzmq drops a peer whose message exceeds this; below it and above
-        # max_request_bytes the request is answered with PayloadTooLarge.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.transport_max_bytes)
+        bound_peer_queues(sock, self.settings)
         sock.setsockopt(zmq.LINGER, int(self.settings.shutdown_grace * 1000))
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
         if self.client_keys is not None and not self.forwarded_identity:
             self.curve = CurveServer(self.context, self.settings, self.client_keys).start()
             self.curve.secure(sock)
@@ -104,7 +117,7 @@ class FrontWorker:
         log.info("front worker serving on %s", self.endpoint)
         try:
             while not self.stopping:
-                if poller.poll(100):
+                if poller.poll(0 if self._carried else 100) or self._carried:
                     self.serve_available(sock)
                 elif self.metrics is not None:
                     self.metrics.idle()
@@ -128,7 +141,7 @@ class FrontWorker:
         self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
         quiet_since = time.monotonic()
         while time.monotonic() < self._drain_deadline:
-            if sock.poll(20, zmq.POLLIN):
+            if self._carried or sock.poll(20, zmq.POLLIN):
                 self.serve_available(sock)
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 0.2:
@@ -138,21 +151,34 @@ class FrontWorker:
         started = time.perf_counter()
         envelopes: list[list[bytes]] = []
         bodies: list[bytes] = []
-        identities: list[str | None] = []
+        peers: list[str | None] = []  # CURVE public key, or network address
         bad: list[list[bytes]] = []
-        for _ in range(self.settings.batch_max):
-            try:
-                frames, public_key = self._receive(sock)
-            except zmq.Again:
-                break
+        settings = self.settings
+        taken = 0
+        per_peer: dict[bytes, int] = {}
+        carried, self._carried = self._carried, deque()
+        while len(envelopes) + len(bad) < settings.batch_max and taken < settings.batch_max_bytes:
+            if carried:
+                frames, peer = carried.popleft()
+            else:
+                try:
+                    frames, peer = self._receive(sock)
+                except zmq.Again:
+                    break
+            who = frames[self.routing_frames - 1]
+            if per_peer.get(who, 0) >= settings.peer_batch_max:
+                self._carried.append((frames, peer))
+                continue
+            per_peer[who] = per_peer.get(who, 0) + 1
+            taken += sum(len(f) for f in frames)
             envelope, body = self._split(frames)
             if body is None:
                 bad.append(envelope)
             else:
                 envelopes.append(envelope)
                 bodies.append(body)
-                if self.client_keys is not None:
-                    identities.append(self.client_keys.client_for(public_key))
+                peers.append(peer)
+        self._carried.extend(carried)  # the batch filled before they got in
         metrics = self.metrics
         outcomes: list[tuple[str, str]] = []
         if metrics is not None and bodies:
@@ -160,25 +186,32 @@ class FrontWorker:
         for envelope in bad:
             self._send(sock, envelope, _extra_frames_reply())
         if bodies:
-            replies = self.dispatcher.handle(
-                bodies, identities if self.client_keys is not None else None, outcomes
-            )
-            for envelope, reply in zip(envelopes, replies, strict=True):
-                self._send(sock, envelope, reply)
+            if self.client_keys is not None:
+                identities = [self.client_keys.client_for(k) for k in peers]
+                answers = self.dispatcher.handle_iter(bodies, identities, outcomes)
+            else:
+                addresses = [a or "" for a in peers]
+                answers = self.dispatcher.handle_iter(bodies, None, outcomes, addresses)
+            for n, reply in answers:
+                self._send(sock, envelopes[n], reply)
         self.served += len(bodies) + len(bad)
         if metrics is not None and (bodies or bad):
             outcomes.extend([(INVALID, InvalidRequest.code)] * len(bad))
             metrics.finished(outcomes, time.perf_counter() - started)
 
+    def pending(self) -> bool:
+        """Messages already read and waiting for the next batch."""
+        return bool(self._carried)
+
     def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
-        """The frames, and with CURVE the public key (Z85) that sent them."""
-        if self.client_keys is None:
-            return sock.recv_multipart(zmq.NOBLOCK), None
+        """The frames, and what identifies the sender: with CURVE the public
+        key (Z85) that sent them, else the peer's network address."""
         if self.forwarded_identity:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             return [frames[0], *frames[2:]], frames[1].decode("ascii", "replace")
         parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        return [p.bytes for p in parts], str(parts[-1].get("User-Id"))
+        name = "User-Id" if self.client_keys is not None else "Peer-Address"
+        return [p.bytes for p in parts], _property(parts[-1], name)
 
     def _split(self, frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
         """(reply envelope, body); body is None when the frames are malformed."""
@@ -192,10 +225,32 @@ class FrontWorker:
             return envelope, rest[0]
         return envelope, None
 
-    @staticmethod
-    def _send(sock: zmq.Socket[bytes], envelope: list[bytes], reply: bytes) -> None:
+    def _send(self, sock: zmq.Socket[bytes], envelope: list[bytes], reply: bytes) -> None:
         try:
             sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            # The peer is gone or not reading: its reply is dropped, others go on.
+            # The peer does not read (its queue is full) or is gone: its reply
+            # is dropped, everyone else goes on.
             log.debug("reply dropped: %s", exc)
+            if self.metrics is not None:
+                self.metrics.reply_dropped("full" if exc.errno == zmq.EAGAIN else "gone")
+
+
+def bound_peer_queues(sock: zmq.Socket[bytes], settings: Settings, peers_per_pipe: int = 1) -> None:
+    """The per-peer bounds of a public ROUTER (see the module docstring).
+    peers_per_pipe: how many workers' replies share one peer's queue."""
+    # libzmq drops a peer whose message exceeds this; below it and above
+    # max_request_bytes the request is answered with PayloadTooLarge.
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.transport_max_bytes)
+    sock.setsockopt(zmq.RCVHWM, settings.peer_recv_queue)
+    sock.setsockopt(zmq.SNDHWM, settings.peer_send_hwm * peers_per_pipe)
+    # A full queue refuses the send (EAGAIN) instead of dropping in silence,
+    # so that drops are counted.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+
+def _property(frame: zmq.Frame, name: str) -> str | None:
+    try:
+        return str(frame.get(name))
+    except zmq.ZMQError:  # not set on this transport (e.g. no address on inproc)
+        return None

@@ -26,6 +26,7 @@ from service.auth import ClientKeyCache
 from service.settings import Settings
 from service.store import redis_for
 from workers.curve import CurveServer
+from workers.front import bound_peer_queues
 from workers.refresher import Refresher
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _worker_main(settings_data: dict[str, Any], backend: str) -> None:
         connect=True,
         routing_frames=2,
         client_keys=client_keys,
-        forwarded_identity=client_keys is not None,
+        forwarded_identity=True,
     )
     worker.install_signal_handlers()
     # Ctrl-C reaches the whole process group; the parent decides when we stop.
@@ -64,6 +65,7 @@ class WorkerPool:
         self._mp = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess] = []
         self.curve: CurveServer | None = None
+        self._held: list[bytes] | None = None  # a request no worker could take yet
         self._restart_at: dict[int, float] = {}
         self._started: dict[int, float] = {}
         self._failures = 0
@@ -83,16 +85,19 @@ class WorkerPool:
     def run(self) -> None:
         ctx = zmq.Context()
         front = ctx.socket(zmq.ROUTER)
-        front.setsockopt(zmq.MAXMSGSIZE, self.settings.transport_max_bytes)
-        front.setsockopt(zmq.RCVHWM, 10_000)
-        front.setsockopt(zmq.SNDHWM, 10_000)
+        # Every worker may answer one peer: its queue has room for all of them.
+        bound_peer_queues(front, self.settings, peers_per_pipe=self.count)
         self.curve = self._curve(ctx)
         if self.curve is not None:
             self.curve.secure(front)
         front.bind(self.endpoint)
         back = ctx.socket(zmq.DEALER)
-        back.setsockopt(zmq.RCVHWM, 10_000)
-        back.setsockopt(zmq.SNDHWM, 10_000)
+        # Requests wait for a worker in its own socket's queue (peer_recv_queue
+        # each side of the pipe); when every worker's is full this process
+        # stops reading the public socket, so the peers' queues fill and TCP
+        # pushes back: nothing is dropped and nothing piles up here.
+        back.setsockopt(zmq.SNDHWM, self.settings.peer_recv_queue)
+        back.setsockopt(zmq.RCVHWM, self.settings.peer_send_hwm * self.count)
         back.bind(self.backend)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -106,12 +111,13 @@ class WorkerPool:
             while not self.stopping:
                 for sock, _ in poller.poll(100):
                     self._relay(sock, back if sock is front else front, sock is front)
+                self._gate(front, back, poller)
                 self._replace_dead()
             # Requests already queued here are in flight for their clients:
             # pass them on until the front has been quiet for a moment.
             self._drain_front(front, back, poller)
             # Stop taking requests; keep relaying replies while workers drain.
-            poller.unregister(front)
+            poller.register(front, 0)
             for proc in self.procs:
                 if proc.pid is not None and proc.is_alive():
                     os.kill(proc.pid, signal.SIGTERM)
@@ -143,6 +149,15 @@ class WorkerPool:
                 if sock is front:
                     quiet_since = time.monotonic()
                 self._relay(sock, back if sock is front else front, sock is front)
+            self._gate(front, back, poller)
+            if self._held is not None:
+                quiet_since = time.monotonic()
+
+    def _gate(self, front: zmq.Socket[bytes], back: zmq.Socket[bytes], poller: zmq.Poller) -> None:
+        """Read the public socket only while a worker can take more."""
+        if self._held is not None and back.poll(0, zmq.POLLOUT):
+            self._forward(back)
+        poller.register(front, 0 if self._held is not None else zmq.POLLIN)
 
     def _curve(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> CurveServer | None:
         """With CURVE on, this process does the handshakes (its own key cache
@@ -155,21 +170,40 @@ class WorkerPool:
         return CurveServer(ctx, self.settings, cache).start()
 
     def _relay(self, src: zmq.Socket[bytes], dst: zmq.Socket[bytes], inbound: bool) -> None:
-        identify = inbound and self.curve is not None
+        """Inbound, each request goes on with what identifies its peer in the
+        frame after the routing id: with CURVE its public key, else its
+        network address. A request no worker can take is held (and the
+        public socket no longer read) until one can. Outbound, a reply to a
+        peer that does not read is dropped, as a single worker does."""
         for _ in range(1000):
+            if inbound and self._held is not None:
+                return
             try:
-                if identify:
+                if inbound:
                     parts = src.recv_multipart(zmq.NOBLOCK, copy=False)
-                    key = str(parts[-1].get("User-Id")).encode("ascii")
-                    frames = [key, *(p.bytes for p in parts)]
+                    name = "User-Id" if self.curve is not None else "Peer-Address"
+                    peer = _peer(parts[-1], name).encode("ascii", "replace")
+                    frames = [peer, *(p.bytes for p in parts)]
                 else:
                     frames = src.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if inbound:
+                self._held = frames
+                self._forward(dst)
+                continue
             try:
                 dst.send_multipart(frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                log.debug("relay dropped a message: %s", exc)
+                log.debug("reply dropped: %s", exc)
+
+    def _forward(self, back: zmq.Socket[bytes]) -> None:
+        assert self._held is not None
+        try:
+            back.send_multipart(self._held, zmq.NOBLOCK)
+        except zmq.Again:
+            return  # every worker's queue is full: keep it
+        self._held = None
 
     def _replace_dead(self) -> None:
         """Restart a dead worker, backing off while workers die young (one that
@@ -194,3 +228,10 @@ class WorkerPool:
                 proc.join(0)
                 self.procs[n] = self._spawn()
                 self._started[n] = now
+
+
+def _peer(frame: zmq.Frame, name: str) -> str:
+    try:
+        return str(frame.get(name))
+    except zmq.ZMQError:
+        return ""

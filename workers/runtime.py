@@ -27,16 +27,18 @@ def configure_logging(settings: Settings) -> None:
 
 
 def build_dispatcher(settings: Settings) -> tuple[Dispatcher, ClientKeyCache | None]:
-    """The dispatcher, and with CURVE on the cache of client keys it trusts;
-    both caches are refreshed by one background thread."""
+    """The dispatcher, and with CURVE on the cache of client keys it trusts.
+    Without CURVE the same cache tells which clients have a key (and are
+    served by CURVE fronts only). Both caches are refreshed by one
+    background thread."""
     assert settings.redis_configured, "the entry point checks that a Redis is configured"
     client = redis_for(settings)
     policy = PolicyCache(client)
-    key_cache = ClientKeyCache(client) if settings.curve else None
-    refreshers = [policy.refresh] + ([key_cache.refresh] if key_cache else [])
-    Refresher(refreshers, settings.policy_refresh).start()
+    key_cache = ClientKeyCache(client)
+    Refresher([policy.refresh, key_cache.refresh], settings.policy_refresh).start()
     # WAIT for replicas at most half the storage timeout: the reply must still
     # come within the bound the protocol promises.
     store = Store(client, settings.redis_wait_replicas, int(settings.storage_timeout * 500))
-    dispatcher = Dispatcher(settings, store, policy, authenticated=settings.curve)
-    return dispatcher, key_cache
+    if settings.curve:
+        return Dispatcher(settings, store, policy, authenticated=True), key_cache
+    return Dispatcher(settings, store, policy, curve_clients=key_cache), None

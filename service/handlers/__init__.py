@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from service import models
 from service.handlers import context, sessions, system
 from service.handlers.base import Ctx, Plan
+from service.settings import Settings
+
+# What a command's reply may hold at most, beside fixed fields: nothing
+# large, client_info, a client's session list, or a whole session.
+Reply = Literal["small", "info", "list", "session"]
+SMALL_REPLY = 4096
+LIST_ENTRY = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,24 +25,43 @@ class Command:
     name: str
     params: type[BaseModel]
     handler: Callable[[Any, Ctx], Plan]
+    reply: Reply = "small"
 
     @property
     def pascal(self) -> str:
         return "".join(part.capitalize() for part in self.name.split("_"))
+
+    def reply_bound(self, settings: Settings) -> int:
+        """The most bytes this command's reply can take under these settings:
+        what a batch budgets for it before Redis is asked."""
+        if self.reply == "session":
+            return settings.max_reply_bytes
+        if self.reply == "info":
+            return settings.client_info_cap + SMALL_REPLY
+        if self.reply == "list":
+            return settings.max_sessions_per_client * LIST_ENTRY + SMALL_REPLY
+        return SMALL_REPLY
 
 
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
         Command("create_session", models.CreateSession, sessions.create_session),
-        Command("restore_session", models.SessionRef, sessions.restore_session),
-        Command("update_session_state", models.UpdateSessionState, sessions.update_session_state),
+        Command("restore_session", models.SessionRef, sessions.restore_session, "session"),
+        Command(
+            "update_session_state",
+            models.UpdateSessionState,
+            sessions.update_session_state,
+            "session",
+        ),
         Command("close_session", models.CloseSession, sessions.close_session),
-        Command("get_session_info", models.SessionRef, sessions.get_session_info),
-        Command("list_client_sessions", models.ListClientSessions, sessions.list_client_sessions),
+        Command("get_session_info", models.SessionRef, sessions.get_session_info, "info"),
+        Command(
+            "list_client_sessions", models.ListClientSessions, sessions.list_client_sessions, "list"
+        ),
         Command("get_session_statistics", models.NoParams, sessions.get_session_statistics),
         Command("save_context", models.SaveContext, context.save_context),
-        Command("load_context", models.SessionRef, context.load_context),
+        Command("load_context", models.SessionRef, context.load_context, "session"),
         Command("get_context_summary", models.SessionRef, context.get_context_summary),
         Command("clear_context", models.ClearContext, context.clear_context),
         Command("record_evaluation", models.RecordEvaluation, context.record_evaluation),

@@ -30,6 +30,7 @@ from service.errors import (
 )
 from service.protocol import iso
 from service.settings import Settings
+from service.statistics import StatsCache
 from service.store import Arg, Call
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,19 @@ class Ctx:
     command_names: Sequence[str] = field(default_factory=tuple)
     rate_spec: str = ""  # settings.rate_spec(), computed once per worker
     create_rate_spec: str = ""
+    # Who sent the request, for the replay scope: the authenticated client id
+    # (CURVE) or the peer's network address; '' when unknown.
+    requester: str = ""
+    stats: StatsCache | None = None  # the worker's statistics snapshot
 
 
 @dataclass(slots=True)
 class Plan:
     calls: list[Call]
     finish: Finish
+    # The finish reads the statistics snapshot: the dispatcher refreshes it
+    # first when it is older than stats_max_age.
+    needs_stats: bool = False
 
 
 def immediate(result: Result) -> Plan:
@@ -124,7 +132,11 @@ def fingerprint(ctx: Ctx) -> str:
 
 
 def replay_scope(ctx: Ctx, target: str) -> str:
-    return f"{ctx.command}\0{target}\0{codec.dumps(ctx.request_id).decode()}"
+    """What a replay record answers for: this command on this target with this
+    request id, from this requester. A request id that another requester
+    used first (another CURVE identity, or with CURVE off another network
+    address) never answers for this one: it runs as a new request."""
+    return f"{ctx.command}\0{target}\0{codec.dumps(ctx.request_id).decode()}\0{ctx.requester}"
 
 
 def session_call(
