@@ -6,10 +6,15 @@
   for a pod without a front worker). 503 with the failed checks otherwise.
 - /metrics: the files of every process of the pod, merged by
   prometheus-client's multiprocess collector.
+
+gunicorn calls it from several threads of a worker (workers/http.py): one
+scrape at a time reaps and reads the metric files, and the Redis client is
+made once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -47,6 +52,9 @@ class HttpApp:
         self.metrics_dir = metrics_dir
         self.heartbeat = heartbeat_path(settings) or metrics_dir / "front.heartbeat"
         self._redis = redis_client
+        self._redis_lock = threading.Lock()
+        # Two scrapes reaping at once would race to remove the same files.
+        self._scrape_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(self.registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
         self.routes: dict[str, Callable[[WSGIEnvironment], Response]] = {
@@ -76,19 +84,25 @@ class HttpApp:
         return "200 OK", _TEXT, b"ready\n"
 
     def metrics(self, environ: WSGIEnvironment) -> Response:
-        reap_live_gauges(self.metrics_dir)
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-        return "200 OK", [("Content-Type", content_type)], encoder(self.registry)
+        with self._scrape_lock:
+            reap_live_gauges(self.metrics_dir)
+            body = encoder(self.registry)
+        return "200 OK", [("Content-Type", content_type)], body
 
     def _redis_problem(self) -> str | None:
         try:
-            if self._redis is None:
-                quick = {"storage_timeout": self.settings.ready_timeout}
-                self._redis = redis_for(self.settings.model_copy(update=quick))
-            self._redis.ping()
+            self._client().ping()
         except _REDIS_NOT_READY as exc:
             return f"redis: {type(exc).__name__}"
         return None
+
+    def _client(self) -> RedisClient:
+        with self._redis_lock:
+            if self._redis is None:
+                quick = {"storage_timeout": self.settings.ready_timeout}
+                self._redis = redis_for(self.settings.model_copy(update=quick))
+            return self._redis
 
     def _front_problem(self) -> str | None:
         limit = self.settings.heartbeat_max_age

@@ -16,7 +16,7 @@ import zmq.auth
 
 from service import auth, policy
 from service.store import RedisClient
-from workers.cli_common import add_redis_flags, with_redis
+from workers.cli_common import EXIT_BAD_FILE, add_redis_flags, with_redis
 from workers.curve import generate_key_pair
 
 
@@ -51,7 +51,11 @@ def register(sub: Any) -> None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "generate":
-        public_file, secret_file = generate_key_pair(args.dir, args.name)
+        try:
+            public_file, secret_file = generate_key_pair(args.dir, args.name)
+        except (OSError, ValueError) as exc:  # an existing file or link is never replaced
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_FILE
         public, _ = zmq.auth.load_certificate(str(public_file))
         print(
             json.dumps(

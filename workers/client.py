@@ -47,11 +47,13 @@ class ClientStats:
 
 @dataclass(frozen=True)
 class CurveKeys:
-    """CURVE keys in Z85: the server's public key, and this client's pair."""
+    """CURVE keys in Z85: the server's public key, and this client's pair.
+    The secret stays out of repr() and str() (and so out of logs and
+    tracebacks that show the object)."""
 
     server_public: str
     public: str
-    secret: str
+    secret: str = field(repr=False)
 
     @classmethod
     def from_files(cls, server_public_file: str, client_secret_file: str) -> CurveKeys:

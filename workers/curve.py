@@ -9,6 +9,9 @@ working within one cache refresh even on an open connection.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import os
 from pathlib import Path
 
 import zmq
@@ -37,12 +40,75 @@ def server_key_pair(settings: Settings) -> tuple[bytes, bytes]:
     )
 
 
+class KeyFileExists(FileExistsError):
+    """A key file (or a symlink) is already where a new one would go."""
+
+
+_SECRET_BANNER = """#   ****  Generated on {now} by stui-sessions  ****
+#   ZeroMQ CURVE **Secret** Certificate
+#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.
+
+"""
+_PUBLIC_BANNER = """#   ****  Generated on {now} by stui-sessions  ****
+#   ZeroMQ CURVE Public Certificate
+#   Exchange securely, or use a secure mechanism to verify the contents
+#   of this file after exchange.
+
+"""
+# O_EXCL: never an existing file, nor (with O_CREAT) a symlink of any kind,
+# dangling or not; O_NOFOLLOW says the same once more.
+_TAKEN = "a file or symlink is already there (never overwritten nor followed)"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def certificate_text(banner: str, public: bytes, secret: bytes | None = None) -> str:
+    """The ZPL certificate that zmq.auth.load_certificate reads (the layout
+    of pyzmq's zmq.auth.create_certificates)."""
+    now = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    text = banner.format(now=now) + "metadata\n" + "curve\n"
+    text += f'    public-key = "{public.decode("ascii")}"\n'
+    if secret is not None:
+        text += f'    secret-key = "{secret.decode("ascii")}"\n'
+    return text
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Creates path with `mode` from the first instant (never wider: the
+    umask may only narrow it, and fchmod then sets it exactly), writes
+    text, and syncs it; an existing file or symlink is refused."""
+    try:
+        fd = os.open(path, _CREATE, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ELOOP):  # ELOOP: O_NOFOLLOW met a symlink
+            raise KeyFileExists(errno.EEXIST, _TAKEN, str(path)) from None
+        raise
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        os.fchmod(fd, mode)
+        f.write(text)
+        f.flush()
+        os.fsync(fd)
+
+
 def generate_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    """name.key (public) and name.key_secret (both), as zmq.auth writes them."""
+    """name.key (public, 0644) and name.key_secret (both keys, 0600), in the
+    format of zmq.auth. Refuses (KeyFileExists) when either path is taken,
+    by a file or a symlink, and then writes nothing."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"{name!r} is not a plain file name")
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public_file = directory / f"{name}.key"
+    secret_file = directory / f"{name}.key_secret"
+    for path in (secret_file, public_file):
+        if os.path.lexists(path):
+            raise KeyFileExists(errno.EEXIST, _TAKEN, str(path))
+    public, secret = zmq.curve_keypair()
+    _write_new(secret_file, certificate_text(_SECRET_BANNER, public, secret), 0o600)
+    try:
+        _write_new(public_file, certificate_text(_PUBLIC_BANNER, public), 0o644)
+    except BaseException:
+        secret_file.unlink(missing_ok=True)  # no half pair left behind
+        raise
+    return public_file, secret_file
 
 
 class CurveServer:

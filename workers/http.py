@@ -5,6 +5,9 @@ metrics directory (the files of processes that no longer run go; those of a
 front worker already writing stay), and it tells prometheus-client when one
 of its workers exits. The app is loaded in each worker after the fork, so
 that every worker has its own Redis connection.
+
+The worker class is workers/http_worker.py: gunicorn's own workers let one
+slow client take the probes down.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from service.http_app import make_app
 from service.metrics import remove_dead_files, setup
 from service.settings import Settings
 from workers.cli_common import NO_REDIS
+from workers.http_worker import (
+    HTTP_THREADS,
+    KEEPALIVE,
+    WORKER_TIMEOUT,
+    ProbeSafeWorker,
+    worker_connections,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +46,12 @@ def gunicorn_options(settings: Settings, metrics_dir: Path) -> dict[str, Any]:
     return {
         "bind": [settings.http_bind],
         "workers": settings.http_workers,
-        "worker_class": "sync",
-        # A probe or a scrape is short; a worker stuck this long is replaced.
-        "timeout": 30,
+        "worker_class": ProbeSafeWorker,
+        "threads": HTTP_THREADS,
+        "worker_connections": worker_connections(),
+        "timeout": WORKER_TIMEOUT,
         "graceful_timeout": max(1, math.ceil(settings.shutdown_grace)),
-        "keepalive": 5,
+        "keepalive": KEEPALIVE,
         "accesslog": None,
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),

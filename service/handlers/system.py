@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service import keys, models
+from service import keys, limits, models
 from service.handlers.base import Ctx, Plan, immediate, rate_limited
 from service.models import CLIENT_ID_PATTERN
 from service.protocol import MAX_ID_LENGTH, PROTOCOL_VERSION, SUPPORTED_VERSIONS
@@ -61,6 +61,20 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "create_rate_limit": s.create_rate_limit,
                     "create_burst": s.create_burst,
                     "session_id_length": len(keys.new_session_id("0" * keys.CLIENT_HASH_LEN)),
+                    # What one request or one peer can cost (docs/security.md).
+                    "max_client_info_bytes": s.client_info_cap,
+                    "max_state_keys": s.max_state_keys,
+                    "entry_overhead_bytes": limits.ENTRY_OVERHEAD,
+                    "max_reply_bytes": s.max_reply_bytes,
+                    "peer_recv_queue": s.peer_recv_queue,
+                    "peer_inbound_bytes": s.peer_inbound_bytes,
+                    "peer_batch_max": s.peer_batch_max,
+                    "peer_send_queue": s.peer_send_hwm,
+                    "peer_outbound_bytes": s.peer_outbound_bytes,
+                    "batch_max": s.batch_max,
+                    "batch_max_bytes": s.batch_max_bytes,
+                    "batch_reply_bytes": s.batch_reply_bytes,
+                    "stats_max_age": s.stats_max_age,
                 },
             }
         ),
