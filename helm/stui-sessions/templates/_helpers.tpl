@@ -59,6 +59,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{- define "stui.backupKeySecretName" -}}
+{{- if .Values.backups.existingKeySecret -}}
+{{ .Values.backups.existingKeySecret }}
+{{- else -}}
+{{ include "stui.fullname" . }}-backup-key
+{{- end -}}
+{{- end -}}
+
 {{/* The HTTP sidecar: health and metrics of every process in the pod. */}}
 {{- define "stui.httpContainer" -}}
 - name: http
@@ -79,19 +87,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
     - name: http-metrics
       containerPort: {{ .root.Values.http.port }}
       protocol: TCP
+  # The HTTP server answers within a second even with slow clients about; a
+  # probe still allows 3 s, and only 3 failures in a row count: one slow
+  # answer neither restarts the pod nor takes it out of the Service.
   livenessProbe:
     httpGet:
       path: /healthz
       port: http-metrics
     periodSeconds: 10
     timeoutSeconds: 3
+    failureThreshold: 3
   readinessProbe:
     httpGet:
       path: /readyz
       port: http-metrics
     periodSeconds: 5
     timeoutSeconds: 3
-    failureThreshold: 2
+    failureThreshold: 3
   resources:
     {{- toYaml .root.Values.http.resources | nindent 4 }}
   securityContext:
