@@ -8,7 +8,8 @@ A session costs
 
 where state bytes are each top-level key's name (its key_weight) and JSON
 value, context bytes are the workspace and inspector JSON, each registry
-entry's id (its key_weight) and JSON and each history entry's JSON, and entries are the state keys, registry entries
+entry's id (its key_weight) and JSON and each history entry's JSON, and
+entries are the state keys, registry entries
 and history entries together. The overhead stands for what Redis spends on a
 hash field beyond its bytes, so that many tiny keys cost what they really
 take (235,000 three-character keys are not 940 KB).

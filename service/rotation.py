@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.backup import Guard, sidecar
+from service.backup import Guard, sidecars
 
 NAME_RE = re.compile(r"stui-sessions-(\d{8}T\d{6})(\d{3})Z-t(\d+)\.jsonl\.gz")
 STALE_TEMP_S = 86400.0
@@ -31,8 +31,9 @@ def name_time_ms(name: str) -> int | None:
 def rotate(
     directory: Path, keep: int, max_age_days: float, now_ms: int, guard: Guard | None = None
 ) -> list[Path]:
-    """Remove scheduler backups (and sidecars) beyond the newest `keep` or older
-    than `max_age_days`; the newest one always stays. Other files are left alone."""
+    """Remove scheduler backups (and both kinds of sidecar, `.hmac` and the
+    legacy `.sha256`) beyond the newest `keep` or older than `max_age_days`;
+    the newest one always stays. Other files are left alone."""
     found = sorted(
         ((t, p) for p in Path(directory).iterdir() if (t := name_time_ms(p.name)) is not None),
         reverse=True,
@@ -43,7 +44,8 @@ def rotate(
             if guard:
                 guard()
             p.unlink(missing_ok=True)
-            sidecar(p).unlink(missing_ok=True)
+            for side in sidecars(p):
+                side.unlink(missing_ok=True)
             removed.append(p)
     for tmp in Path(directory).glob(".stui-sessions-*.tmp-*"):
         if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:  # left by a writer that died

@@ -42,7 +42,8 @@ oldest. Sessions written before cb and sn existed get them on their first
 write (load_meta counts them once).
 
 Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
-bytes (service/limits.py), keys counted as a reply writes them (klen). A write that would make it cost more than the cap
+bytes (service/limits.py), keys counted as a reply writes them (klen). A
+write that would make it cost more than the cap
 is refused, unless it costs no more than before (shrinking always works).
 """
 
@@ -146,6 +147,7 @@ end
 -- A key's bytes as a reply writes it (service.limits.key_weight): JSON
 -- escapes a control character in up to 6 bytes, and " and \\ in 2.
 local function klen(k)
+  if not string.find(k, '[%z\1-\31"\\]') then return #k end
   local _, ctrl = string.gsub(k, '[%z\1-\31]', '')
   local _, esc = string.gsub(k, '["\\]', '')
   return #k + 5 * ctrl + esc
@@ -328,17 +330,24 @@ UPDATE = _script(
 -- ARGV[7] expected version or '', ARGV[8] '1' to replace the whole state,
 --   ARGV[9] max session bytes, ARGV[10] max state keys,
 --   ARGV[11..] key, JSON value pairs ('' removes the key), each key once.
--- Returns {'OK', version, last_modified_ms, 's:key', json, ...} (the state after
---   the update) | {'NOTFOUND'} | {'CONFLICT', version} | {'TOOLARGE'}
---   | {'TOOMANYKEYS'} | {'REUSED'}.
+-- Returns {'OK', version, last_modified_ms, 's:key', json, ...} | {'NOTFOUND'}
+--   | {'CONFLICT', version} | {'TOOLARGE'} | {'TOOMANYKEYS'} | {'REUSED'}.
+--   The fields are the state keys the update did not name (none after a
+--   replace): the caller has the others, so they are not read back.
 local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
+local replace = ARGV[8] == '1'
+local function untouched(reply)
+  if replace then return reply end
+  local named = {}
+  for i = 11, #ARGV, 2 do named['s:' .. ARGV[i]] = true end
+  return append_fields(reply, function(f) return is_state(f) and not named[f] end)
+end
 local r = replay_lookup()
-if r then return append_fields(r, is_state) end
+if r then return untouched(r) end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
-local replace = ARGV[8] == '1'
 local before, keys_before = cost(m), m.sn
 local old = {}
 if replace then
@@ -368,7 +377,7 @@ chunked('HSET', KEYS[1], sets)
 touch(m, now)
 local reply = {'OK', m.v, now}
 replay_save(reply, 3)
-return append_fields(reply, is_state)
+return untouched(reply)
 """,
 )
 

@@ -63,10 +63,15 @@ class Settings(BaseSettings):
     # that peer's connection (TCP pushes back; nothing is lost).
     peer_recv_queue: int = Field(default=16, ge=1, le=10_000)
     # Messages of one peer that one batch takes; the rest wait for the next
-    # batch. Replies waiting to go to one peer are capped at twice this
-    # (ZMQ_SNDHWM), each at most max_reply_bytes: a peer that does not read
-    # loses the replies beyond it, as Redis' client-output-buffer-limit does.
+    # batch.
     peer_batch_max: int = Field(default=32, ge=1, le=10_000)
+    # Replies waiting for one peer: at most peer_send_queue in libzmq
+    # (ZMQ_SNDHWM, each at most max_reply_bytes), then up to
+    # peer_outbox_bytes held by the worker (workers/outbox.py). A peer that
+    # does not read loses the replies beyond, as with Redis'
+    # client-output-buffer-limit.
+    peer_send_queue: int = Field(default=32, ge=1, le=10_000)
+    peer_outbox_bytes: int = Field(default=16 * MIB, ge=0)
     # One batch takes at most batch_max messages and about this many request
     # bytes (always at least one message).
     batch_max_bytes: int = Field(default=16 * MIB, ge=MIB)
@@ -190,10 +195,9 @@ class Settings(BaseSettings):
         return self.max_state_bytes + REPLY_SLACK
 
     @property
-    def peer_send_hwm(self) -> int:
-        """ZMQ_SNDHWM per peer: room for two batches' worth of its replies, so
-        that a peer that reads never loses one to a burst."""
-        return 2 * self.peer_batch_max
+    def peer_outbox_budget(self) -> int:
+        """What the outbox holds for one peer: always room for one reply."""
+        return max(self.peer_outbox_bytes, self.max_reply_bytes)
 
     @property
     def peer_inbound_bytes(self) -> int:
@@ -203,4 +207,4 @@ class Settings(BaseSettings):
     @property
     def peer_outbound_bytes(self) -> int:
         """The most reply bytes one peer can have waiting in a front."""
-        return self.peer_send_hwm * self.max_reply_bytes
+        return self.peer_send_queue * self.max_reply_bytes + self.peer_outbox_budget

@@ -1,10 +1,15 @@
-"""Backups: the file format, restore, verify and the one-off commands, on a real Redis."""
+"""Backups: the file format, restore, verify and the one-off commands, on a real Redis.
+
+Every backup here is signed with TEST_KEY; `cli` hands it to the commands
+(STUI_BACKUP_KEY). Signing, legacy files, restore's re-validation, bounded
+reading and file modes are in tests/test_backup_trust.py."""
 
 from __future__ import annotations
 
 import contextlib
 import gzip
 import hashlib
+import hmac
 import json
 import os
 import pty
@@ -28,6 +33,11 @@ from service.store import Store, connect
 from workers.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
+
+# The backup key of these tests (STUI_BACKUP_KEY): its text, and the bytes that sign.
+TEST_KEY_TEXT = "test-backup-key-0123456789abcdef0123456789abcdef"
+TEST_KEY = TEST_KEY_TEXT.encode()
+KEY_ENV = {"STUI_BACKUP_KEY": TEST_KEY_TEXT}
 
 # Fields that move with time or with restore_session itself.
 MOVING = ("expires_at", "time_until_expiry")
@@ -89,7 +99,7 @@ def make_sessions(d: Dispatcher, clients: int, per_client: int = 1, prefix: str 
                         "empty": [],
                         "obj": {},
                         "text": f"é{n}\u2603",
-                        "big": 2**70,
+                        "big": 2**64 - 1,  # the widest integer kept exactly (service/codec.py)
                     },
                 },
             )
@@ -172,15 +182,16 @@ def test_round_trip_of_10000_sessions(
     t1 = time.monotonic()
 
     path = tmp_path / "b.jsonl.gz"
-    info = backup.write_backup([redis_client], path)
+    info = backup.write_backup([redis_client], path, key=TEST_KEY)
     assert info.sessions == 10_000
-    assert backup.verify_backup(path).sessions == 10_000
+    assert backup.verify_backup(path, key=TEST_KEY).sessions == 10_000
     t2 = time.monotonic()
     json_before = restored_json(dispatcher, sids)  # reactivates; compared after the restore
 
     redis_client.flushall()
-    result = restore.restore_backup(redis_client, path)
+    result = restore.restore_backup(redis_client, path, key=TEST_KEY)
     assert (result.restored, result.expired, result.newer) == (10_000, 0, 0)
+    assert (result.over_limit, result.invalid) == (0, 0)
     t3 = time.monotonic()
 
     after_at = [time.time()]
@@ -212,15 +223,21 @@ def test_round_trip_of_10000_sessions(
 def small_backup(dispatcher: Dispatcher, redis_client: redis.Redis, tmp_path: Path) -> Path:
     make_sessions(dispatcher, 50)
     path = tmp_path / "small.jsonl.gz"
-    backup.write_backup([redis_client], path)
+    backup.write_backup([redis_client], path, key=TEST_KEY)
     return path
 
 
+def resign(path: Path, key: bytes = TEST_KEY) -> None:
+    """Sign the file's bytes as they are now (what only a key holder can do)."""
+    digest = hmac.new(key, path.read_bytes(), hashlib.sha256).hexdigest()
+    backup.mac_sidecar(path).write_text(f"hmac-sha256 {digest}  {path.name}\n")
+
+
 def rewrite(path: Path, lines: list[bytes]) -> None:
-    """A well-formed gzip file with a matching checksum, holding `lines`."""
+    """A well-formed gzip file holding `lines`, signed with TEST_KEY."""
     with gzip.open(path, "wb") as f:
         f.writelines(lines)
-    rewrite_sum(path)
+    resign(path)
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -239,14 +256,48 @@ def damage_flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def damage_cut_resummed(path: Path) -> None:
+def damage_cut_resigned(path: Path) -> None:
     damage_cut(path)
-    rewrite_sum(path)
+    resign(path)
 
 
 def rewrite_sum(path: Path) -> None:
+    """A plain SHA-256 sidecar for the file as it is now: what anyone can write."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     backup.sidecar(path).write_text(f"{digest}  {path.name}\n")
+
+
+def make_legacy(path: Path) -> None:
+    """The file as the release before signing wrote it: a .sha256 sidecar only."""
+    backup.mac_sidecar(path).unlink()
+    rewrite_sum(path)
+
+
+def edit_version(path: Path) -> None:
+    """The attack of the issue: a session's version raised to 2^53 so that it
+    wins over the live one, the gzip rewritten."""
+    lines = lines_of(path)
+    obj = json.loads(lines[3])
+    obj["fields"]["v"] = str(2**53)
+    lines[3] = json.dumps(obj).encode() + b"\n"
+    with gzip.open(path, "wb") as f:
+        f.writelines(lines)
+
+
+def damage_edited_resummed(path: Path) -> None:
+    """Edited, the plain checksum recomputed, the signature left as it was."""
+    edit_version(path)
+    rewrite_sum(path)
+
+
+def damage_edited_unsigned(path: Path) -> None:
+    """Edited, the plain checksum recomputed, the signature removed."""
+    edit_version(path)
+    make_legacy(path)
+
+
+def damage_signature_line(path: Path) -> None:
+    backup.mac_sidecar(path).write_text("sha256 " + "0" * 64 + "\n")
 
 
 def damage_bad_line(path: Path) -> None:
@@ -273,21 +324,29 @@ def damage_foreign_session(path: Path) -> None:
     rewrite(path, lines)
 
 
+def damage_trailing_line(path: Path) -> None:
+    rewrite(path, [*lines_of(path), b'{"session_id": "x"}\n'])
+
+
 def damage_no_sidecar(path: Path) -> None:
-    backup.sidecar(path).unlink()
+    backup.mac_sidecar(path).unlink()
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (damage_cut, "checksum mismatch"),
-        (damage_flip, "checksum mismatch"),
-        (damage_cut_resummed, "not a whole gzip file"),
+        (damage_cut, "signature mismatch"),
+        (damage_flip, "signature mismatch"),
+        (damage_edited_resummed, "signature mismatch"),
+        (damage_edited_unsigned, "not signed, only a plain SHA-256"),
+        (damage_signature_line, "not a hmac-sha256 signature line"),
+        (damage_cut_resigned, "not a whole gzip file"),
         (damage_bad_line, "line 8: not JSON"),
         (damage_lines_dropped, "no end line"),
         (damage_count, "does not count"),
         (damage_foreign_session, "does not belong to its client"),
-        (damage_no_sidecar, "no checksum file"),
+        (damage_trailing_line, "data after the end line"),
+        (damage_no_sidecar, "no signature file"),
     ],
 )
 def test_a_bad_file_is_refused_and_nothing_is_written(
@@ -296,9 +355,23 @@ def test_a_bad_file_is_refused_and_nothing_is_written(
     damage(small_backup)
     redis_client.flushall()
     with pytest.raises(BackupError, match=message):
-        backup.verify_backup(small_backup)
+        backup.verify_backup(small_backup, key=TEST_KEY)
     with pytest.raises(BackupError, match=message):
-        restore.restore_backup(redis_client, small_backup)
+        restore.restore_backup(redis_client, small_backup, key=TEST_KEY)
+    assert redis_client.dbsize() == 0
+
+
+def test_a_signed_file_is_refused_under_another_key_or_none(
+    small_backup: Path, redis_client: redis.Redis
+) -> None:
+    redis_client.flushall()
+    other = b"another-key-" + b"x" * 32
+    with pytest.raises(BackupError, match="signature mismatch"):
+        backup.verify_backup(small_backup, key=other)
+    with pytest.raises(backup.KeyNeeded, match="STUI_BACKUP_KEY or STUI_BACKUP_KEY_FILE"):
+        backup.verify_backup(small_backup, key=None)
+    with pytest.raises(backup.KeyNeeded):
+        restore.restore_backup(redis_client, small_backup, key=None, allow_unsigned=True)
     assert redis_client.dbsize() == 0
 
 
@@ -308,20 +381,20 @@ def test_restore_skips_expired_and_never_overwrites_newer_unless_forced(
     short = run(dispatcher, [("create_session", {"client_id": "short", "timeout": 1})])[0]
     sid = make_sessions(dispatcher, 1, prefix="keep")[0]
     path = tmp_path / "b.jsonl.gz"
-    backup.write_backup([redis_client], path)
+    backup.write_backup([redis_client], path, key=TEST_KEY)
     run(dispatcher, [("update_session_state", {"session_id": sid, "state_data": {"n": "new"}})])
     newer = redis_client.hgetall(keys.session_key(sid))
     time.sleep(1.1)  # `short` has expired since the backup
 
-    result = restore.restore_backup(redis_client, path)
+    result = restore.restore_backup(redis_client, path, key=TEST_KEY)
     assert (result.restored, result.expired, result.newer) == (0, 1, 1)
     assert redis_client.hgetall(keys.session_key(sid)) == newer
     assert not redis_client.exists(keys.session_key(short["session_id"]))
 
-    again = restore.restore_backup(redis_client, path)  # an equal version is kept too
+    again = restore.restore_backup(redis_client, path, key=TEST_KEY)  # equal: kept too
     assert (again.restored, again.newer) == (0, 1)
 
-    forced = restore.restore_backup(redis_client, path, force=True)
+    forced = restore.restore_backup(redis_client, path, key=TEST_KEY, force=True)
     assert (forced.restored, forced.expired) == (1, 1)
     state = run(dispatcher, [("get_session_info", {"session_id": sid})])[0]
     assert state["version"] == int(newer[b"v"]) - 1  # the backup's version is back
@@ -370,7 +443,7 @@ def test_backup_is_consistent_while_clients_write(
         paths = []
         for n in range(3):
             paths.append(tmp_path / f"{n}.jsonl.gz")
-            backup.write_backup([redis_client], paths[-1])
+            backup.write_backup([redis_client], paths[-1], key=TEST_KEY)
     finally:
         stop.set()
         thread.join()
@@ -402,9 +475,9 @@ def test_keys_that_are_not_sessions_are_skipped(
     make_sessions(dispatcher, 3)
     redis_client.hset(keys.session_key(keys.new_session_id("0" * 16)), "c", "x")
     redis_client.set(keys.session_key(keys.new_session_id("1" * 16)), "not a hash")
-    info = backup.write_backup([redis_client], tmp_path / "b.jsonl.gz")
+    info = backup.write_backup([redis_client], tmp_path / "b.jsonl.gz", key=TEST_KEY)
     assert (info.sessions, info.skipped) == (3, 2)
-    assert backup.verify_backup(info.path).sessions == 3
+    assert backup.verify_backup(info.path, key=TEST_KEY).sessions == 3
     assert "field 'ca' missing" in caplog.text
 
 
@@ -427,13 +500,17 @@ def test_housekeeping_prunes_what_ttls_left(
     assert housekeep(redis_client, [redis_client]) == Pruned()
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, key: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The command line, given TEST_KEY (STUI_BACKUP_KEY) unless key=False."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**base, **(KEY_ENV if key else {}), **(env or {})},
     )
 
 
@@ -448,6 +525,7 @@ def test_commands_end_to_end(
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")  # quiet in a pipe
     checked = cli("verify", str(path))
     assert checked.returncode == 0 and "OK, 300 sessions" in checked.stdout, checked
+    assert "signed" in checked.stdout and checked.stderr == "", checked
 
     redis_client.flushall()
     restored = cli("restore", str(path), "--redis-url", redis_server.url)
@@ -460,7 +538,8 @@ def test_commands_end_to_end(
     redis_client.flushall()
     for args in (("verify", str(path)), ("restore", str(path), "--redis-url", redis_server.url)):
         failed = cli(*args)
-        assert failed.returncode == 1 and "checksum mismatch" in failed.stderr, failed
+        assert failed.returncode == 1 and "signature mismatch" in failed.stderr, failed
+        assert failed.stderr.count("\n") == 1, failed  # one line
     assert redis_client.dbsize() == 0
 
     assert cli("backup", "--output", str(path), env={"STUI_REDIS_URL": ""}).returncode == 2
@@ -489,6 +568,7 @@ def test_progress_shows_on_a_terminal(
             stderr=terminal,
             stdout=subprocess.PIPE,
             timeout=60,
+            env={**os.environ, **KEY_ENV},
         )
         os.close(terminal)
         shown = b""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from service import backup, keys, scripts
 from service.dispatch import Dispatcher
@@ -26,7 +27,15 @@ from service.settings import Settings
 from service.store import Call, RedisClient, Store, redis_for
 from tests.conftest import FrontProcess, RedisTarget
 from tests.helpers import wait_for
-from tests.test_backup import cli, in_batches, make_sessions, run, snapshot
+from tests.test_backup import (
+    TEST_KEY,
+    TEST_KEY_TEXT,
+    cli,
+    in_batches,
+    make_sessions,
+    run,
+    snapshot,
+)
 from tests.test_commands import (  # noqa: F401  (collected again, against the cluster)
     any_client,
     test_command_form_reply_shape,
@@ -108,7 +117,7 @@ def test_backup_restore_and_verify_cover_every_master(
 
     done = cli("backup", *mode, "--output", str(path))
     assert done.returncode == 0, done
-    assert backup.verify_backup(path).sessions == 300
+    assert backup.verify_backup(path, key=TEST_KEY).sessions == 300
 
     redis_cluster.flushall()
     restored = cli("restore", str(path), *mode)
@@ -148,6 +157,7 @@ def test_scheduler_leads_and_backs_up_on_a_cluster(
         backup_dir=tmp_path / "b",
         backup_interval=0.01,
         cleanup_interval=1,
+        backup_key=SecretStr(TEST_KEY_TEXT),
     )
     seen = Recorder()
     scheduler = Scheduler(settings, redis_for(settings), seen)
@@ -162,7 +172,7 @@ def test_scheduler_leads_and_backs_up_on_a_cluster(
         thread.join(10)
     assert not thread.is_alive()
     files = sorted((tmp_path / "b").glob("*.jsonl.gz"))
-    assert files and backup.verify_backup(files[-1]).sessions == 50
+    assert files and backup.verify_backup(files[-1], key=TEST_KEY).sessions == 50
     assert current_leader(redis_client) is None  # released through a fenced transaction
 
 

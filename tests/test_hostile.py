@@ -44,7 +44,8 @@ MAX_REQUEST_BYTES = 10 * MIB  # default max_request_bytes
 MAX_STATE_BYTES = MIB  # default cap on state plus context
 CLIENT_A = "hostile-alice"
 CLIENT_B = "hostile-bob"
-LONG_DIGITS = 1234567890123456789  # 19 digits: the service then looks for integers wider than 64 bits
+# 19 digits: the service then looks for integers wider than 64 bits
+LONG_DIGITS = 1234567890123456789
 
 CODES = SPEC_CODES
 INVALID = frozenset({"InvalidRequest"})
@@ -980,7 +981,10 @@ def huge_cases(world: World, seed: int) -> Cases:
         for label, command, params, expect in table:
             cs.request(f"{e} {label}", e, wire_name(e, command), params, **expect)
     # 140k keys: over the key cap (1000 by default), refused before Redis.
-    keys_cap = {"codes": TOO_LARGE, "details": {"limit": 1000, "limit_bytes": MAX_STATE_BYTES}}
+    keys_cap: dict[str, Any] = {
+        "codes": TOO_LARGE,
+        "details": {"limit": 1000, "limit_bytes": MAX_STATE_BYTES},
+    }
     many = {"session_id": sb, "state_data": {f"k{i:06d}": 1 for i in range(140_000)}}
     cs.request("140k state keys", "command", "update_session_state", many, **keys_cap)
     nulls = {"session_id": sb, "state_data": {f"k{i:06d}": None for i in range(140_000)}}

@@ -14,15 +14,23 @@ from typing import IO, Any
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from service import backup, keys, rotation
 from service.leader import LeaderLock, NotLeader, current_leader
 from service.settings import Settings
 from tests.helpers import stop_process, wait_for
+from tests.test_backup import KEY_ENV, TEST_KEY, TEST_KEY_TEXT
 from workers.embedded_redis import EmbeddedRedis
 from workers.scheduler import Scheduler
 
 TTL = 1.0  # the lock TTL of these tests (s)
+
+
+def scheduler_env(key: bool = True) -> dict[str, str]:
+    """The environment of a scheduler child: TEST_KEY signs its backups."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
+    return {**base, **(KEY_ENV if key else {})}
 
 
 class SchedulerProcess:
@@ -48,6 +56,7 @@ class SchedulerProcess:
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            env=scheduler_env(),
         )
 
     @property
@@ -114,7 +123,8 @@ def test_one_leader_works_and_a_standby_takes_over_after_sigkill(
     assert "became leader" in leader.text() and "became leader" not in standby.text()
     assert "backup stui-sessions-" not in standby.text()
     for path in backups_of(directory):
-        assert backup.verify_backup(path).token == token
+        info = backup.verify_backup(path, key=TEST_KEY)
+        assert info.token == token and info.authenticated
     record = redis_client.hgetall(keys.last_backup_key())
     assert int(record[b"token"]) == token
 
@@ -164,7 +174,7 @@ def test_a_stale_leader_cannot_write(redis_client: redis.Redis, tmp_path: Path) 
     old.token, old._valid_until = stale_token, time.monotonic() + 10  # as before the check
     path = tmp_path / rotation.backup_name(0, stale_token)
     with pytest.raises(NotLeader):
-        backup.write_backup([redis_client], path, token=old.token, guard=old.guard)
+        backup.write_backup([redis_client], path, key=TEST_KEY, token=old.token, guard=old.guard)
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file
     assert not old.renew() and not old.is_leader()
     assert current_leader(redis_client) == ("new", new.token)
@@ -205,6 +215,7 @@ def make_scheduler(
         backup_interval=interval_min,
         backup_keep=2,
         cleanup_interval=1,
+        backup_key=SecretStr(TEST_KEY_TEXT),
     )
     scheduler = Scheduler(settings, redis.Redis.from_url(url), observer)
     thread = threading.Thread(target=scheduler.run)
@@ -230,6 +241,16 @@ def test_observer_sees_leadership_backups_and_figures(
     backups = [e for e in seen.events if e[0] == "backup"]
     assert all(size > 0 and 0 <= duration < 5 for _, _, duration, size in backups)
     assert len(backups_of(tmp_path / "b")) == 2  # rotated to backup_keep
+    # Signed, with their .hmac only; files 0600 in a directory 0700.
+    assert os.stat(tmp_path / "b").st_mode & 0o777 == 0o700
+    for path in backups_of(tmp_path / "b"):
+        assert backup.verify_backup(path, key=TEST_KEY).authenticated
+        assert not backup.sidecar(path).exists()
+        for made in (path, backup.mac_sidecar(path)):
+            assert made.stat().st_mode & 0o777 == 0o600, made
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
+        n for p in backups_of(tmp_path / "b") for n in (p.name, p.name + ".hmac")
+    )
     assert current_leader(redis_client) is None  # released on stop
 
 
@@ -259,7 +280,9 @@ def test_rotation_by_count_and_age(tmp_path: Path) -> None:
     for n, age in enumerate([0, 1, 2, 3 * day, 10 * day]):
         path = tmp_path / rotation.backup_name(now - age, n)
         path.write_bytes(b"x")
-        backup.sidecar(path).write_text("x")
+        backup.mac_sidecar(path).write_text("x")
+        if n % 2:  # a legacy file: its .sha256 goes too
+            backup.sidecar(path).write_text("x")
         made.append(path)
     (tmp_path / "manual.jsonl.gz").write_bytes(b"x")
     stale = tmp_path / ".stui-sessions-x.jsonl.gz.tmp-1"
@@ -268,7 +291,9 @@ def test_rotation_by_count_and_age(tmp_path: Path) -> None:
     removed = rotation.rotate(tmp_path, keep=3, max_age_days=2, now_ms=now)
     assert sorted(removed) == sorted(made[3:])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [p.name for p in made[:3]] + [p.name + ".sha256" for p in made[:3]] + ["manual.jsonl.gz"]
+        [p.name for p in made[:3]]
+        + [p.name + ".hmac" for p in made[:3]]
+        + [made[1].name + ".sha256", "manual.jsonl.gz"]
     )
     # The newest file stays, however old.
     assert rotation.rotate(tmp_path, keep=1, max_age_days=0.5, now_ms=now + 100 * day) == made[1:3]
@@ -281,3 +306,43 @@ def test_scheduler_keys_are_pinned_and_share_one_slot() -> None:
     assert keys.last_backup_key() == "stui:{scheduler}:last_backup"
     assert keys.session_scan_pattern() == "stui:{b[0-9][0-9]}:s:*"
     assert keys.client_index_scan_pattern() == "stui:{b[0-9][0-9]}:c:*"
+
+
+def test_the_scheduler_refuses_to_start_without_a_backup_key(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "workers.cli", "scheduler", "--redis-url", redis_server.url]
+    for extra, message in (
+        ({}, "no backup key configured: set STUI_BACKUP_KEY (the key) or STUI_BACKUP_KEY_FILE"),
+        ({"STUI_BACKUP_KEY": "short"}, "shorter than 16"),
+        ({"STUI_BACKUP_KEY_FILE": str(tmp_path / "missing")}, "cannot read the backup key file"),
+    ):
+        done = subprocess.run(
+            [*command, "--backup-dir", str(tmp_path / "b")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**scheduler_env(key=False), **extra},
+        )
+        assert done.returncode == 2, done
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done
+        assert message in done.stderr, done
+    assert not (tmp_path / "b").exists()
+    assert current_leader(redis_client) is None
+    with pytest.raises(backup.BackupKeyError, match="STUI_BACKUP_KEY_FILE"):
+        Scheduler(Settings(redis_url=redis_server.url), redis_client)
+
+
+def test_the_backup_directory_is_tightened_to_0700(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = tmp_path / "new" / "backups"
+    backup.prepare_dir(made)
+    assert made.stat().st_mode & 0o777 == 0o700
+    assert not caplog.text  # nothing to say about a directory it made
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chmod(loose, 0o755)
+    backup.prepare_dir(loose)
+    assert loose.stat().st_mode & 0o777 == 0o700
+    assert "was mode 0755: tightened to 0700" in caplog.text

@@ -131,7 +131,10 @@ def test_codec_refuses_what_is_not_strict_json(text: bytes) -> None:
 
 
 def test_codec_holds_64_bit_integers_exactly_and_refuses_wider_ones() -> None:
-    edges = b'{"a": 18446744073709551615, "b": [-9223372036854775808, 0.1], "c": "1234567890123456789012"}'
+    edges = (
+        b'{"a": 18446744073709551615, "b": [-9223372036854775808, 0.1],'
+        b' "c": "1234567890123456789012"}'
+    )
     value = codec.loads(edges)
     assert value["a"] == 2**64 - 1 and value["b"][0] == -(2**63)
     assert codec.loads(codec.dumps(value)) == value

@@ -106,6 +106,13 @@ def _companions(settings: Settings, redis_url: str | None) -> Iterator[Path]:
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "STUI_BACKUP_DIR": str(backup_dir),
     }
+    if settings.backup_key is None and settings.backup_key_file is None:
+        # The scheduler signs backups: with no key configured, one is made
+        # once under data_dir (0600) and reused on every later run.
+        from service import backup
+
+        key_file = backup.ensure_key_file(settings.data_dir / "backup.key").absolute()
+        env["STUI_BACKUP_KEY_FILE"] = str(key_file)
     http_bind = (
         settings.http_bind if "http_bind" in settings.model_fields_set else ("127.0.0.1:9102")
     )

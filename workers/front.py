@@ -13,9 +13,10 @@ what it sends (docs/security.md):
   most peer_batch_max messages of one peer (the rest wait, in arrival order,
   for the next batch); libzmq reads its peers in turn, so one peer's queue
   never holds another's first request back by more than a batch;
-- outbound: at most peer_send_hwm replies wait for one peer, each at most
-  max_reply_bytes; a reply to a peer whose queue is full is dropped and
-  counted, as Redis' client-output-buffer-limit does.
+- outbound: at most peer_send_queue replies wait for one peer in libzmq,
+  each at most max_reply_bytes, then peer_outbox_bytes in this process
+  (workers/outbox.py); a reply beyond that is dropped and counted, as Redis'
+  client-output-buffer-limit does.
 
 Frames: a ROUTER prepends the peer's routing id. REQ clients and well-behaved
 DEALER clients send an empty delimiter frame, then the body; a DEALER that
@@ -40,8 +41,12 @@ from service.metrics import INVALID, Heartbeat, heartbeat_path
 from service.protocol import ReplyTo, encode_error
 from service.settings import Settings
 from workers.curve import CurveServer
+from workers.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+# ms between two tries of the replies that wait in the outbox.
+OUTBOX_RETRY_MS = 5
 
 
 def _extra_frames_reply() -> bytes:
@@ -86,6 +91,7 @@ class FrontWorker:
         self._drain_deadline = 0.0
         # Messages read beyond their peer's share of a batch, for the next one.
         self._carried: deque[tuple[list[bytes], str | None]] = deque()
+        self.outbox: Outbox | None = None  # made with the socket
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -110,15 +116,26 @@ class FrontWorker:
             sock.bind(self.endpoint)
         return sock
 
+    def _dropped(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reply_dropped(reason)
+
     def run(self, sock: zmq.Socket[bytes] | None = None) -> None:
         sock = sock or self.open_socket()
+        # Behind the multi-process proxy the only peer is the proxy, which
+        # reads every reply at once and holds the per-peer bounds itself.
+        budget = None if self.connect else self.settings.peer_outbox_budget
+        self.outbox = Outbox(sock, budget, self._dropped)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         log.info("front worker serving on %s", self.endpoint)
         try:
             while not self.stopping:
-                if poller.poll(0 if self._carried else 100) or self._carried:
+                wait = 0 if self._carried else OUTBOX_RETRY_MS if self.outbox else 100
+                if poller.poll(wait) or self._carried:
                     self.serve_available(sock)
+                if self.outbox:
+                    self.outbox.flush()
                 elif self.metrics is not None:
                     self.metrics.idle()
                 if self.metrics is not None:
@@ -141,6 +158,8 @@ class FrontWorker:
         self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
         quiet_since = time.monotonic()
         while time.monotonic() < self._drain_deadline:
+            if self.outbox:
+                self.outbox.flush()
             if self._carried or sock.poll(20, zmq.POLLIN):
                 self.serve_available(sock)
                 quiet_since = time.monotonic()
@@ -226,14 +245,9 @@ class FrontWorker:
         return envelope, None
 
     def _send(self, sock: zmq.Socket[bytes], envelope: list[bytes], reply: bytes) -> None:
-        try:
-            sock.send_multipart([*envelope, reply], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # The peer does not read (its queue is full) or is gone: its reply
-            # is dropped, everyone else goes on.
-            log.debug("reply dropped: %s", exc)
-            if self.metrics is not None:
-                self.metrics.reply_dropped("full" if exc.errno == zmq.EAGAIN else "gone")
+        if self.outbox is None:  # serve_available called without run (tests)
+            self.outbox = Outbox(sock, self.settings.peer_outbox_budget, self._dropped)
+        self.outbox.send([*envelope, reply])
 
 
 def bound_peer_queues(sock: zmq.Socket[bytes], settings: Settings, peers_per_pipe: int = 1) -> None:
@@ -243,9 +257,9 @@ def bound_peer_queues(sock: zmq.Socket[bytes], settings: Settings, peers_per_pip
     # max_request_bytes the request is answered with PayloadTooLarge.
     sock.setsockopt(zmq.MAXMSGSIZE, settings.transport_max_bytes)
     sock.setsockopt(zmq.RCVHWM, settings.peer_recv_queue)
-    sock.setsockopt(zmq.SNDHWM, settings.peer_send_hwm * peers_per_pipe)
-    # A full queue refuses the send (EAGAIN) instead of dropping in silence,
-    # so that drops are counted.
+    sock.setsockopt(zmq.SNDHWM, settings.peer_send_queue * peers_per_pipe)
+    # A full queue refuses the send (EAGAIN) instead of dropping in silence:
+    # the reply then waits in the outbox.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
 
 

@@ -23,10 +23,12 @@ from typing import Any
 import zmq
 
 from service.auth import ClientKeyCache
+from service.metrics import front_metrics
 from service.settings import Settings
 from service.store import redis_for
 from workers.curve import CurveServer
-from workers.front import bound_peer_queues
+from workers.front import OUTBOX_RETRY_MS, bound_peer_queues
+from workers.outbox import Outbox
 from workers.refresher import Refresher
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class WorkerPool:
         self.procs: list[BaseProcess] = []
         self.curve: CurveServer | None = None
         self._held: list[bytes] | None = None  # a request no worker could take yet
+        self.outbox: Outbox | None = None  # replies the public socket could not take yet
         self._restart_at: dict[int, float] = {}
         self._started: dict[int, float] = {}
         self._failures = 0
@@ -97,20 +100,22 @@ class WorkerPool:
         # stops reading the public socket, so the peers' queues fill and TCP
         # pushes back: nothing is dropped and nothing piles up here.
         back.setsockopt(zmq.SNDHWM, self.settings.peer_recv_queue)
-        back.setsockopt(zmq.RCVHWM, self.settings.peer_send_hwm * self.count)
+        back.setsockopt(zmq.RCVHWM, self.settings.peer_send_queue * self.count)
         back.bind(self.backend)
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.procs = [self._spawn() for _ in range(self.count)]
         self._started = dict.fromkeys(range(self.count), time.monotonic())
         log.info("%d front workers serving on %s", self.count, self.endpoint)
+        self.outbox = Outbox(front, self.settings.peer_outbox_budget, self._dropped)
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(back, zmq.POLLIN)
         try:
             while not self.stopping:
-                for sock, _ in poller.poll(100):
+                for sock, _ in poller.poll(OUTBOX_RETRY_MS if self.outbox else 100):
                     self._relay(sock, back if sock is front else front, sock is front)
+                self.outbox.flush()
                 self._gate(front, back, poller)
                 self._replace_dead()
             # Requests already queued here are in flight for their clients:
@@ -123,10 +128,12 @@ class WorkerPool:
                     os.kill(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.settings.shutdown_grace + 1
             while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
-                if poller.poll(50):
+                if poller.poll(OUTBOX_RETRY_MS if self.outbox else 50):
                     self._relay(back, front, False)
+                self.outbox.flush()
             while back.poll(0):
                 self._relay(back, front, False)
+            self.outbox.flush()
         finally:
             for proc in self.procs:
                 if proc.is_alive():
@@ -192,10 +199,13 @@ class WorkerPool:
                 self._held = frames
                 self._forward(dst)
                 continue
-            try:
-                dst.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.debug("reply dropped: %s", exc)
+            assert self.outbox is not None
+            self.outbox.send(frames)
+
+    def _dropped(self, reason: str) -> None:
+        metrics = front_metrics(self.settings)  # this process's own: only drops are counted
+        if metrics is not None:
+            metrics.reply_dropped(reason)
 
     def _forward(self, back: zmq.Socket[bytes]) -> None:
         assert self._held is not None

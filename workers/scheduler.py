@@ -4,10 +4,12 @@ An elector thread takes the lock (service/leader.py) or renews it every third
 of its TTL. While this process leads, the main loop runs a file backup every
 `backup_interval` minutes (then rotates the directory) and housekeeping every
 `cleanup_interval` seconds (which also recomputes the global figures). Every
-write checks the fencing token first. SIGTERM or SIGINT only sets a flag: a
-backup in progress stops at its next batch (its temporary file is removed),
-the lock is released so that a standby takes over at once, and the process
-exits.
+write checks the fencing token first. Backups are signed with the backup key
+(service/backup.py): a Scheduler without one refuses to start
+(backup.BackupKeyError), and the backup directory is kept 0700. SIGTERM or
+SIGINT only sets a flag: a backup in progress stops at its next batch (its
+temporary file is removed), the lock is released so that a standby takes
+over at once, and the process exits.
 
 Metrics plug in through `SchedulerObserver`; its methods are called from the
 main thread, except on_leader, which may come from the elector thread.
@@ -73,6 +75,7 @@ class Scheduler:
         nodes: list[redis.Redis] | None = None,
     ) -> None:
         self.settings = settings
+        self.key = backup.require_key(settings)  # BackupKeyError: none, or unusable
         self.client = client
         self.nodes = nodes or backup.primaries(client)
         self.observer: SchedulerObserver = observer or NullObserver()
@@ -196,10 +199,12 @@ class Scheduler:
         if token is None:
             raise NotLeader()
         directory = Path(self.settings.backup_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        backup.prepare_dir(directory)
         started = time.monotonic()
         name = rotation.backup_name(backup.redis_now_ms(self.nodes[0]), token)
-        info = backup.write_backup(self.nodes, directory / name, token=token, guard=self._guard)
+        info = backup.write_backup(
+            self.nodes, directory / name, key=self.key, token=token, guard=self._guard
+        )
         duration = time.monotonic() - started
         finished_at = time.time()
         record: dict[FieldT, EncodableT] = {
@@ -247,6 +252,7 @@ def metrics_observer(settings: Settings) -> SchedulerObserver | None:
 def run(settings: Settings, observer: SchedulerObserver | None = None) -> None:
     """The `stui-sessions scheduler` process: until SIGTERM or SIGINT."""
     assert settings.redis_configured, "the entry point checks that a Redis is configured"
+    backup.require_key(settings)  # before connecting: the entry point checks it too
     scheduler = Scheduler(settings, redis_for(settings), observer)
     scheduler.install_signal_handlers()
     scheduler.run()

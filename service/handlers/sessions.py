@@ -182,19 +182,27 @@ def update_session_state(p: models.UpdateSessionState, ctx: Ctx) -> Plan:
             field="state_data",
         )
     pairs: list[str | bytes | int] = []
+    sent: dict[str, Fragment] = {}  # the reply's state, with what Redis had
     for key, value in p.state_data.items():
         pairs.append(key)
-        pairs.append(b"" if value is None else encode_value(value, f"state_data.{key}"))
+        if value is None:
+            pairs.append(b"")
+        else:
+            encoded = encode_value(value, f"state_data.{key}")
+            pairs.append(encoded)
+            sent[key] = Fragment(encoded)
     expected = "" if p.expected_version is None else str(p.expected_version)
     extra = [expected, "1" if p.replace else "0", ctx.settings.max_state_bytes, limit, *pairs]
     call = session_call(ctx, scripts.UPDATE, sid, p.client_id, extra, replay=True)
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
+        # Redis sends the keys this update did not name (none after a replace).
         state = {
             name[2:].decode("utf-8"): Fragment(value)
             for name, value in zip(r[3::2], r[4::2], strict=True)
         }
+        state.update(sent)
         return {
             "session_id": sid,
             "last_modified": iso(int(r[2])),
