@@ -11,7 +11,7 @@ client_info size, state keys, registry and history counts, the session's
 cost (service/limits.py), every stored JSON value. A line that fails is
 skipped, counted (RestoreResult.invalid) and logged with its session id's
 first characters and the reason, never its data. The size counters (sb, xb,
-cb, sn, rn, en, eo) are recomputed from the fields themselves, so a tampered
+cb, sn, rn, en, eo, ob, hb) are recomputed from the fields themselves, so a tampered
 counter cannot make a session look smaller or make a script loop over a
 forged history range.
 """
@@ -27,17 +27,9 @@ import orjson
 import redis
 
 from service import keys, limits, models, scripts
-from service.backup import (
-    BATCH,
-    BATCH_BYTES,
-    BackupInfo,
-    Progress,
-    SessionRecord,
-    _size,
-    max_line_for,
-    read_verified,
-    verify_backup,
-)
+from service.backup import BATCH_BYTES, _size
+from service.backup_format import BATCH, BackupInfo, Progress, SessionRecord, max_line_for
+from service.backup_read import read_verified, verify_backup
 from service.errors import StorageUnavailable
 from service.settings import Settings
 from service.store import Call, RedisClient, Store
@@ -46,8 +38,9 @@ log = logging.getLogger(__name__)
 
 # The session hash's fixed fields (see service/scripts.py's docstring); the
 # others are s:<key>, o:<id> and e:<n>.
-KNOWN_FIELDS = frozenset(b"c ca lm to v a ci cb sb sn xb w wv i ih so rn en eo".split())
-COUNTERS = (b"cb", b"sb", b"sn", b"xb", b"rn", b"en", b"eo")  # recomputed, never trusted
+KNOWN_FIELDS = frozenset(b"c ca lm to v a ci cb sb sn xb ob hb w wv i ih so rn en eo".split())
+# Recomputed, never trusted.
+COUNTERS = (b"cb", b"sb", b"sn", b"xb", b"ob", b"hb", b"rn", b"en", b"eo")
 MAX_MS = 2**53  # timestamps, TTLs and counts beyond this are not numbers Redis' Lua keeps
 MAX_OBJECT_ID = 256  # characters (models.ObjectId)
 LOG_ID = 20  # characters of a session id a log line shows
@@ -155,11 +148,13 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
 
     # Counted as the scripts count (klen is limits.key_weight).
     state_bytes = sum(limits.key_weight(k) + len(v) for k, v in state)
+    registry_bytes = sum(limits.key_weight(k) + len(v) for k, v in registry)
+    history_bytes = sum(len(v) for v in history.values())
     context_bytes = (
         len(meta.get(b"w", b""))
         + len(meta.get(b"i", b""))
-        + sum(limits.key_weight(k) + len(v) for k, v in registry)
-        + sum(len(v) for v in history.values())
+        + registry_bytes
+        + history_bytes
     )
     entries = len(state) + len(registry) + len(history)
     cost = limits.session_cost(state_bytes, context_bytes, len(ci), entries)
@@ -187,6 +182,8 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
         b"sb": state_bytes,
         b"sn": len(state),
         b"xb": context_bytes,
+        b"ob": registry_bytes,
+        b"hb": history_bytes,
         b"rn": len(registry),
         b"en": newest,
         b"eo": oldest,

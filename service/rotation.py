@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.backup import Guard, sidecars
+from service.backup_format import Guard
+from service.backup_sign import sidecars
 
 NAME_RE = re.compile(r"stui-sessions-(\d{8}T\d{6})(\d{3})Z-t(\d+)\.jsonl\.gz")
 STALE_TEMP_S = 86400.0

@@ -34,11 +34,12 @@ cap), 'TOOMANYKEYS' (over the state key cap), 'LIMIT' (+ live count), 'FULL'
 
 Session hash fields: c client id, ca created (ms), lm last modified (ms),
 to timeout (s), v version, a active (1/0), ci client_info JSON, cb its
-bytes, sb state bytes, sn state key count, xb context bytes, s:<key> state
-entries, w workspace_context, wv its variable count, i inspector_state, ih
-its history length, so its selected object, o:<id> registry entries, rn
-registry size, e:<n> evaluation history entries, en newest entry number, eo
-oldest. Sessions written before cb and sn existed get them on their first
+bytes, sb state bytes, sn state key count, xb context bytes (w, i, ob and
+hb together), ob registry bytes, hb history bytes, s:<key> state entries, w
+workspace_context, wv its variable count, i inspector_state, ih its history
+length, so its selected object, o:<id> registry entries, rn registry size,
+e:<n> evaluation history entries, en newest entry number, eo oldest.
+Sessions written before cb, sn, ob and hb existed get them on their first
 write (load_meta counts them once).
 
 Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
@@ -110,6 +111,15 @@ local function replay_save(reply, n)
   redis.call('SET', KEYS[5], table.concat(parts, '\0'), 'PX', ARGV[3])
 end
 
+-- A key's bytes as a reply writes it (service.limits.key_weight): JSON
+-- escapes a control character in up to 6 bytes, and " and \\ in 2.
+local function klen(k)
+  if not string.find(k, '[%z\1-\31"\\]') then return #k end
+  local _, ctrl = string.gsub(k, '[%z\1-\31]', '')
+  local _, esc = string.gsub(k, '["\\]', '')
+  return #k + 5 * ctrl + esc
+end
+
 -- Field names of the session hash that start with prefix.
 local function prefixed(prefix)
   local out, n = {}, #prefix
@@ -122,15 +132,28 @@ end
 -- The session's metadata, or nil when it is gone or another client's.
 local function load_meta()
   local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb',
-    'cb', 'sn', 'rn', 'en', 'eo')
+    'cb', 'sn', 'rn', 'en', 'eo', 'ob', 'hb')
   if not m[1] then return nil end
   if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
   local meta = {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
     v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]), xb = tonumber(m[8]),
     cb = tonumber(m[9]), sn = tonumber(m[10]), rn = tonumber(m[11]) or 0,
-    en = tonumber(m[12]) or 0, eo = tonumber(m[13]) or 1}
+    en = tonumber(m[12]) or 0, eo = tonumber(m[13]) or 1,
+    ob = tonumber(m[14]), hb = tonumber(m[15])}
   if not meta.cb then meta.cb = redis.call('HSTRLEN', KEYS[1], 'ci') end
   if not meta.sn then meta.sn = #prefixed('s:') end
+  if not (meta.ob and meta.hb) then
+    -- Written by an earlier release: weigh the registry and history once.
+    meta.ob, meta.hb = 0, 0
+    for _, f in ipairs(prefixed('o:')) do
+      meta.ob = meta.ob + klen(string.sub(f, 3)) + redis.call('HSTRLEN', KEYS[1], f)
+    end
+    for n = meta.eo, meta.en do
+      meta.hb = meta.hb + redis.call('HSTRLEN', KEYS[1], 'e:' .. str(n))
+    end
+    meta.xb = redis.call('HSTRLEN', KEYS[1], 'w') + redis.call('HSTRLEN', KEYS[1], 'i')
+      + meta.ob + meta.hb
+  end
   return meta
 end
 
@@ -142,15 +165,6 @@ end
 local function too_large(m, before, cap)
   local after = cost(m)
   return after > tonumber(cap) and after > before
-end
-
--- A key's bytes as a reply writes it (service.limits.key_weight): JSON
--- escapes a control character in up to 6 bytes, and " and \\ in 2.
-local function klen(k)
-  if not string.find(k, '[%z\1-\31"\\]') then return #k end
-  local _, ctrl = string.gsub(k, '[%z\1-\31]', '')
-  local _, esc = string.gsub(k, '["\\]', '')
-  return #k + 5 * ctrl + esc
 end
 
 local function entry_expiry(packed)
@@ -176,7 +190,8 @@ end
 
 local function save_meta(m)
   redis.call('HSET', KEYS[1], 'v', str(m.v), 'lm', str(m.lm), 'sb', str(m.sb), 'xb', str(m.xb),
-    'cb', str(m.cb), 'sn', str(m.sn), 'rn', str(m.rn), 'en', str(m.en), 'eo', str(m.eo))
+    'cb', str(m.cb), 'sn', str(m.sn), 'rn', str(m.rn), 'en', str(m.en), 'eo', str(m.eo),
+    'ob', str(m.ob), 'hb', str(m.hb))
 end
 
 -- After a session is gone: prune dead index entries and recompute the
@@ -289,7 +304,7 @@ local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1
 -- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
   'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'sn', '0', 'cb', str(#ARGV[8]),
-  'rn', '0', 'en', '0', 'eo', '1')
+  'rn', '0', 'en', '0', 'eo', '1', 'ob', '0', 'hb', '0')
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
@@ -341,7 +356,18 @@ local function untouched(reply)
   if replace then return reply end
   local named = {}
   for i = 11, #ARGV, 2 do named['s:' .. ARGV[i]] = true end
-  return append_fields(reply, function(f) return is_state(f) and not named[f] end)
+  local want = {}
+  for _, f in ipairs(prefixed('s:')) do
+    if not named[f] then want[#want + 1] = f end
+  end
+  for s = 1, #want, 1000 do
+    local last = math.min(s + 999, #want)
+    local values = redis.call('HMGET', KEYS[1], unpack(want, s, last))
+    for j = 1, last - s + 1 do
+      reply[#reply + 1] = want[s + j - 1]; reply[#reply + 1] = values[j]
+    end
+  end
+  return reply
 end
 local r = replay_lookup()
 if r then return untouched(r) end
@@ -504,10 +530,9 @@ local reg_at = pos + 1
 local old_reg, old_hist = {}, {}
 if nreg >= 0 then
   old_reg = prefixed('o:')
-  for _, f in ipairs(old_reg) do
-    xb = xb - klen(string.sub(f, 3)) - redis.call('HSTRLEN', KEYS[1], f)
-  end
-  for k = 0, nreg - 1 do xb = xb + klen(ARGV[reg_at + 2 * k]) + #ARGV[reg_at + 2 * k + 1] end
+  local ob = 0
+  for k = 0, nreg - 1 do ob = ob + klen(ARGV[reg_at + 2 * k]) + #ARGV[reg_at + 2 * k + 1] end
+  xb, m.ob = xb - m.ob + ob, ob
   pos = reg_at + 2 * nreg
 else
   pos = reg_at
@@ -515,9 +540,10 @@ end
 local nhist = tonumber(ARGV[pos])
 local hist_at = pos + 1
 if nhist >= 0 then
-  old_hist = prefixed('e:')
-  for _, f in ipairs(old_hist) do xb = xb - redis.call('HSTRLEN', KEYS[1], f) end
-  for k = 0, nhist - 1 do xb = xb + #ARGV[hist_at + k] end
+  for n = m.eo, m.en do old_hist[#old_hist + 1] = 'e:' .. str(n) end
+  local hb = 0
+  for k = 0, nhist - 1 do hb = hb + #ARGV[hist_at + k] end
+  xb, m.hb = xb - m.hb + hb, hb
 end
 m.xb = xb
 if nreg >= 0 then m.rn = nreg end
@@ -615,16 +641,12 @@ if has('i') then
   del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so'
 end
 if has('o') then
-  for _, f in ipairs(prefixed('o:')) do
-    xb = xb - klen(string.sub(f, 3)) - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
-  end
-  m.rn = 0
+  for _, f in ipairs(prefixed('o:')) do del[#del + 1] = f end
+  xb, m.ob, m.rn = xb - m.ob, 0, 0
 end
 if has('e') then
-  for _, f in ipairs(prefixed('e:')) do
-    xb = xb - redis.call('HSTRLEN', KEYS[1], f); del[#del + 1] = f
-  end
-  m.eo = m.en + 1
+  for n = m.eo, m.en do del[#del + 1] = 'e:' .. str(n) end
+  xb, m.hb, m.eo = xb - m.hb, 0, m.en + 1
 end
 chunked('HDEL', KEYS[1], del)
 local now = now_ms()
@@ -652,15 +674,15 @@ if not m then return {'NOTFOUND'} end
 local before = cost(m)
 local en, eo = m.en + 1, m.eo
 local limit = tonumber(ARGV[8])
-local xb = m.xb + #ARGV[7]
+local added = #ARGV[7]
 local evict = {}
 while en - eo + 1 > limit do
   local f = 'e:' .. str(eo)
-  xb = xb - redis.call('HSTRLEN', KEYS[1], f)
+  added = added - redis.call('HSTRLEN', KEYS[1], f)
   evict[#evict + 1] = f
   eo = eo + 1
 end
-m.en, m.eo, m.xb = en, eo, xb
+m.en, m.eo, m.xb, m.hb = en, eo, m.xb + added, m.hb + added
 if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
 redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7])
 chunked('HDEL', KEYS[1], evict)
@@ -691,8 +713,9 @@ local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
 if old == 0 and m.rn >= tonumber(ARGV[9]) then return {'FULL', m.rn} end
 local before = cost(m)
-m.xb = m.xb + #ARGV[8]
-if old == 0 then m.xb, m.rn = m.xb + klen(ARGV[7]), m.rn + 1 else m.xb = m.xb - old end
+local added = #ARGV[8]
+if old == 0 then added, m.rn = added + klen(ARGV[7]), m.rn + 1 else added = added - old end
+m.xb, m.ob = m.xb + added, m.ob + added
 if too_large(m, before, ARGV[10]) then return {'TOOLARGE'} end
 redis.call('HSET', KEYS[1], f, ARGV[8])
 local now = now_ms()
@@ -724,7 +747,9 @@ local released = 0
 if old > 0 then
   released = 1
   redis.call('HDEL', KEYS[1], f)
-  m.v, m.lm, m.xb, m.rn = m.v + 1, now, math.max(0, m.xb - klen(ARGV[7]) - old), m.rn - 1
+  local gone = klen(ARGV[7]) + old
+  m.v, m.lm, m.rn = m.v + 1, now, m.rn - 1
+  m.xb, m.ob = math.max(0, m.xb - gone), math.max(0, m.ob - gone)
   save_meta(m)
 end
 touch(m, now)

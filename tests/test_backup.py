@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from service import backup, keys, restore
-from service.backup import BackupError
+from service.backup_format import BackupError
 from service.dispatch import Dispatcher
 from service.housekeeping import Pruned, global_figures, housekeep
 from service.settings import Settings

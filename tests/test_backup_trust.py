@@ -28,7 +28,7 @@ import redis
 from pydantic import SecretStr
 
 from service import backup, keys, limits, restore
-from service.backup import BackupError, SessionRecord
+from service.backup_format import BackupError, SessionRecord
 from service.dispatch import Dispatcher
 from service.settings import MIB, Settings
 from service.store import Store
@@ -442,15 +442,23 @@ def _bomb(path: Path, line_mib: int) -> None:
         f.write(tail + struct.pack("<II", crc, size))
 
 
+# Peak RSS from /proc (VmHWM, in KiB): ru_maxrss is kept across fork and
+# exec on Linux, so it would report the test runner's own peak.
 MEASURE = r"""
-import json, resource, sys, tracemalloc
+import json, sys, tracemalloc
 from workers.cli import main
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 args = sys.argv[1:]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 tracemalloc.start()
 code = main(args)
 peak = tracemalloc.get_traced_memory()[1]
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = hwm()
 print(json.dumps({"code": code, "peak": peak, "rss_growth": (after - before) * 1024,
                   "rss": after * 1024}))
 """

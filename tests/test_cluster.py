@@ -60,7 +60,7 @@ from tests.test_semantics import (  # noqa: F401  (collected again, against the 
     test_twenty_concurrent_creates_exactly_five_succeed,
     test_two_writers_same_expected_version_one_wins,
 )
-from tests.test_sentinel import MAX_UPDATES, Writer
+from tests.test_sentinel import LEDGER_ENV, MAX_UPDATES, Writer
 from tests.topologies import LocalCluster
 from workers.client import Client
 from workers.scheduler import Scheduler
@@ -184,7 +184,7 @@ def test_a_master_killed_under_load_fails_over_and_nothing_acknowledged_is_lost(
     killed node is back (as a replica) WAIT succeeds again. Runs last in this
     module: the cluster's roles are shuffled afterwards."""
     assert isinstance(redis_client, redis.RedisCluster)
-    front = start_front(env={"STUI_REDIS_WAIT_REPLICAS": "1"})
+    front = start_front(env={"STUI_REDIS_WAIT_REPLICAS": "1", **LEDGER_ENV})
     assert front.proc is not None
     writers = [Writer(front.endpoint, f"cw-{n}") for n in range(4)]
     stop = threading.Event()

@@ -164,7 +164,10 @@ def restart_under_load(
     sig: signal.Signals,
 ) -> None:
     # INFO logging whatever the caller's environment says: the checks read it.
-    front = start_front(redis_url=durable_redis.url, env={"STUI_LOG_LEVEL": "INFO"})
+    # Each write adds a key (the final state lists the acknowledged writes):
+    # the session may hold that many.
+    env = {"STUI_LOG_LEVEL": "INFO", "STUI_MAX_STATE_KEYS": str(MAX_WRITES * WRITERS)}
+    front = start_front(redis_url=durable_redis.url, env=env)
     assert front.proc is not None
     pid = front.proc.pid
     rc = redis.Redis.from_url(durable_redis.url)

@@ -34,6 +34,9 @@ pytestmark = pytest.mark.integration
 
 WRITERS = 4
 MAX_UPDATES = 2000  # per writer: the run is bounded in count as well as in time
+# Each write adds a key, so that the final state lists the acknowledged writes:
+# the fronts of these tests allow a session that many keys.
+LEDGER_ENV = {"STUI_MAX_STATE_KEYS": str(MAX_UPDATES + 10)}
 RUN_LIMIT = 90.0  # s: the whole run must end within this
 
 
@@ -129,7 +132,7 @@ def test_forced_failover_under_load_loses_no_acknowledged_write(
     how many (docs/reliability.md), and asserts only what holds in both
     modes (every request answered, nothing worse than StorageUnavailable,
     recovery without a restart)."""
-    front = start_front()
+    front = start_front(env=LEDGER_ENV)
     assert front.proc is not None
     pid = front.proc.pid
     old_master = redis_sentinel.master_port()

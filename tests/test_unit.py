@@ -378,3 +378,20 @@ def test_cli_takes_the_redis_topology_flags() -> None:
         assert settings.redis_mode == "sentinel", command
         assert settings.sentinel_addresses == [("a", 1), ("b", 2)]
         assert settings.redis_master_name == "m"
+
+
+def test_a_body_in_both_encodings_is_refused(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    """A message that is an envelope and a command at once would be read one
+    way by one reader and the other way by another: it is refused, in the
+    envelope form (its "payload" decides), and nothing is created."""
+    d = fake_dispatcher()
+    envelope = {"type": "Request", "data": {"request_type": "Ping", "params": {}}}
+    for extra in ({"command": "create_session"}, {"parameters": {"client_id": "both"}}):
+        body = {"id": "both-1", "version": "1.0.0", "payload": envelope, **extra}
+        reply = codec.loads(d.handle([codec.dumps(body)])[0])
+        error = reply["payload"]["data"]
+        assert error["response_type"] == "Error", reply
+        assert error["data"]["code"] == "InvalidRequest"
+        assert error["data"]["details"] == {"field": "payload"}
+        assert reply["id"] == "both-1"
+    assert ask(d, "list_client_sessions", client_id="both")["result"]["session_count"] == 0

@@ -17,8 +17,13 @@ from typing import Any, TextIO
 
 import redis
 
-from service import backup, restore
-from service.backup import BackupError, BackupKeyError, KeyNeeded
+from service import restore
+from service.backup import primaries, write_backup
+from service.backup_files import dir_is_open
+from service.backup_format import BackupError, BackupInfo, SessionRecord, max_line_for
+from service.backup_key import BackupKeyError, load_key, require_key, write_key_file
+from service.backup_read import verify_backup
+from service.backup_sign import KeyNeeded
 from service.housekeeping import global_figures
 from service.settings import Settings
 from service.store import RedisClient
@@ -87,10 +92,10 @@ def _usage(message: object) -> int:
 
 def _key(settings: Settings, required: bool) -> bytes | None:
     """The backup key; BackupKeyError when it is unusable (or missing and required)."""
-    return backup.require_key(settings) if required else backup.load_key(settings)
+    return require_key(settings) if required else load_key(settings)
 
 
-def _warn_unsigned(info: backup.BackupInfo) -> None:
+def _warn_unsigned(info: BackupInfo) -> None:
     if not info.authenticated:
         print(
             f"warning: {info.path} is not authenticated (no .hmac signature, only a plain "
@@ -121,7 +126,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     assert key is not None
     client = _client(args)
     try:
-        mode = backup.dir_is_open(Path(args.output).absolute().parent)
+        mode = dir_is_open(Path(args.output).absolute().parent)
         if mode is not None:
             print(
                 f"warning: {Path(args.output).absolute().parent} is open to group/others "
@@ -129,9 +134,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         progress = ProgressLine("backup", global_figures(client).sessions)
-        info = backup.write_backup(
-            backup.primaries(client), args.output, key=key, progress=progress
-        )
+        info = write_backup(primaries(client), args.output, key=key, progress=progress)
     except redis.RedisError as exc:
         return _redis_failed(exc)
     except OSError as exc:
@@ -151,12 +154,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _usage(exc)
     try:
         checking = ProgressLine("verifying")
-        info = backup.verify_backup(
+        info = verify_backup(
             args.file,
             progress=checking,
             key=key,
             allow_unsigned=args.allow_unsigned,
-            max_line=backup.max_line_for(settings),
+            max_line=max_line_for(settings),
         )
         checking.finish(f"verified: {info.sessions} sessions")
     except BackupError as exc:
@@ -195,12 +198,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _usage(exc)
     progress = ProgressLine("verifying")
     try:
-        info = backup.verify_backup(
+        info = verify_backup(
             args.file,
             progress=progress,
             key=key,
             allow_unsigned=args.allow_unsigned,
-            max_line=backup.max_line_for(settings),
+            max_line=max_line_for(settings),
             check=lambda rec: _refusal(rec, settings),
         )
     except BackupError as exc:
@@ -217,7 +220,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refusal(rec: backup.SessionRecord, settings: Settings) -> str | None:
+def _refusal(rec: SessionRecord, settings: Settings) -> str | None:
     try:
         restore.check_session(rec, settings)
     except restore.Invalid as why:
@@ -229,7 +232,7 @@ def _refusal(rec: backup.SessionRecord, settings: Settings) -> str | None:
 def cmd_backup_key_generate(args: argparse.Namespace) -> int:
     path: Path = args.output
     try:
-        backup.write_key_file(path)
+        write_key_file(path)
     except FileExistsError:
         print(
             f"error: {path} exists: refusing to overwrite a backup key "

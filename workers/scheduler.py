@@ -5,8 +5,8 @@ of its TTL. While this process leads, the main loop runs a file backup every
 `backup_interval` minutes (then rotates the directory) and housekeeping every
 `cleanup_interval` seconds (which also recomputes the global figures). Every
 write checks the fencing token first. Backups are signed with the backup key
-(service/backup.py): a Scheduler without one refuses to start
-(backup.BackupKeyError), and the backup directory is kept 0700. SIGTERM or
+(service/backup_key.py): a Scheduler without one refuses to start
+(BackupKeyError), and the backup directory is kept 0700. SIGTERM or
 SIGINT only sets a flag: a backup in progress stops at its next batch (its
 temporary file is removed), the lock is released so that a standby takes
 over at once, and the process exits.
@@ -29,7 +29,10 @@ from typing import Protocol
 import redis
 from redis.typing import EncodableT, FieldT
 
-from service import backup, keys, rotation
+from service import keys, rotation
+from service.backup import primaries, redis_now_ms, write_backup
+from service.backup_files import prepare_dir
+from service.backup_key import require_key
 from service.housekeeping import global_figures, housekeep
 from service.leader import LeaderLock, NotLeader
 from service.settings import Settings
@@ -75,9 +78,9 @@ class Scheduler:
         nodes: list[redis.Redis] | None = None,
     ) -> None:
         self.settings = settings
-        self.key = backup.require_key(settings)  # BackupKeyError: none, or unusable
+        self.key = require_key(settings)  # BackupKeyError: none, or unusable
         self.client = client
-        self.nodes = nodes or backup.primaries(client)
+        self.nodes = nodes or primaries(client)
         self.observer: SchedulerObserver = observer or NullObserver()
         self.lock = LeaderLock(client, settings.leader_ttl)
         self.stop = threading.Event()
@@ -199,10 +202,10 @@ class Scheduler:
         if token is None:
             raise NotLeader()
         directory = Path(self.settings.backup_dir)
-        backup.prepare_dir(directory)
+        prepare_dir(directory)
         started = time.monotonic()
-        name = rotation.backup_name(backup.redis_now_ms(self.nodes[0]), token)
-        info = backup.write_backup(
+        name = rotation.backup_name(redis_now_ms(self.nodes[0]), token)
+        info = write_backup(
             self.nodes, directory / name, key=self.key, token=token, guard=self._guard
         )
         duration = time.monotonic() - started
@@ -252,7 +255,7 @@ def metrics_observer(settings: Settings) -> SchedulerObserver | None:
 def run(settings: Settings, observer: SchedulerObserver | None = None) -> None:
     """The `stui-sessions scheduler` process: until SIGTERM or SIGINT."""
     assert settings.redis_configured, "the entry point checks that a Redis is configured"
-    backup.require_key(settings)  # before connecting: the entry point checks it too
+    require_key(settings)  # before connecting: the entry point checks it too
     scheduler = Scheduler(settings, redis_for(settings), observer)
     scheduler.install_signal_handlers()
     scheduler.run()
