@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 # The session hash's fixed fields (see service/scripts.py's docstring); the
 # others are s:<key>, o:<id> and e:<n>.
-KNOWN_FIELDS = frozenset(b"c ca lm to v a ci cb sb sn xb ob hb w wv i ih so rn en eo".split())
+KNOWN_FIELDS = frozenset(b"c ca lm to v a ci cb sb sn xb ob hb lv w wv i ih so rn en eo".split())
 # Recomputed, never trusted.
-COUNTERS = (b"cb", b"sb", b"sn", b"xb", b"ob", b"hb", b"rn", b"en", b"eo")
+COUNTERS = (b"cb", b"sb", b"sn", b"xb", b"ob", b"hb", b"rn", b"en", b"eo", b"lv")
 MAX_MS = 2**53  # timestamps, TTLs and counts beyond this are not numbers Redis' Lua keeps
 MAX_OBJECT_ID = 256  # characters (models.ObjectId)
 LOG_ID = 20  # characters of a session id a log line shows
@@ -184,6 +184,7 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
         b"xb": context_bytes,
         b"ob": registry_bytes,
         b"hb": history_bytes,
+        b"lv": int(meta[b"v"]),  # counted by this release at this version
         b"rn": len(registry),
         b"en": newest,
         b"eo": oldest,

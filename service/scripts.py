@@ -39,8 +39,10 @@ hb together), ob registry bytes, hb history bytes, s:<key> state entries, w
 workspace_context, wv its variable count, i inspector_state, ih its history
 length, so its selected object, o:<id> registry entries, rn registry size,
 e:<n> evaluation history entries, en newest entry number, eo oldest.
-Sessions written before cb, sn, ob and hb existed get them on their first
-write (load_meta counts them once).
+A write recounts the counters from the fields first when lv (the version
+at which a script of this release last wrote them) is not the session's
+version: the session was last written by an earlier release, which kept
+fewer counters (load_meta).
 
 Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
 bytes (service/limits.py), keys counted as a reply writes them (klen). A
@@ -129,31 +131,41 @@ local function prefixed(prefix)
   return out
 end
 
+-- The counters from the fields themselves, for a session that a script of
+-- this release did not write last: one of an earlier release (which keeps
+-- sb and xb only, or fewer), during a rolling upgrade or after it.
+local function recount(m)
+  m.sb, m.sn, m.ob, m.rn, m.hb = 0, 0, 0, 0, 0
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local p = string.sub(f, 1, 2)
+    if p == 's:' then
+      m.sb = m.sb + klen(string.sub(f, 3)) + redis.call('HSTRLEN', KEYS[1], f)
+      m.sn = m.sn + 1
+    elseif p == 'o:' then
+      m.ob = m.ob + klen(string.sub(f, 3)) + redis.call('HSTRLEN', KEYS[1], f)
+      m.rn = m.rn + 1
+    end
+  end
+  for n = m.eo, m.en do m.hb = m.hb + redis.call('HSTRLEN', KEYS[1], 'e:' .. str(n)) end
+  m.cb = redis.call('HSTRLEN', KEYS[1], 'ci')
+  m.xb = redis.call('HSTRLEN', KEYS[1], 'w') + redis.call('HSTRLEN', KEYS[1], 'i') + m.ob + m.hb
+end
+
 -- The session's metadata, or nil when it is gone or another client's.
-local function load_meta()
+-- counted: a write that checks or keeps the size counters; they are
+-- recounted first when a script of this release did not write them last
+-- (lv, the version they were written at, is not the session's version).
+local function load_meta(counted)
   local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb',
-    'cb', 'sn', 'rn', 'en', 'eo', 'ob', 'hb')
+    'cb', 'sn', 'rn', 'en', 'eo', 'ob', 'hb', 'lv')
   if not m[1] then return nil end
   if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
   local meta = {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
-    v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]), xb = tonumber(m[8]),
-    cb = tonumber(m[9]), sn = tonumber(m[10]), rn = tonumber(m[11]) or 0,
+    v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]) or 0, xb = tonumber(m[8]) or 0,
+    cb = tonumber(m[9]) or 0, sn = tonumber(m[10]) or 0, rn = tonumber(m[11]) or 0,
     en = tonumber(m[12]) or 0, eo = tonumber(m[13]) or 1,
-    ob = tonumber(m[14]), hb = tonumber(m[15])}
-  if not meta.cb then meta.cb = redis.call('HSTRLEN', KEYS[1], 'ci') end
-  if not meta.sn then meta.sn = #prefixed('s:') end
-  if not (meta.ob and meta.hb) then
-    -- Written by an earlier release: weigh the registry and history once.
-    meta.ob, meta.hb = 0, 0
-    for _, f in ipairs(prefixed('o:')) do
-      meta.ob = meta.ob + klen(string.sub(f, 3)) + redis.call('HSTRLEN', KEYS[1], f)
-    end
-    for n = meta.eo, meta.en do
-      meta.hb = meta.hb + redis.call('HSTRLEN', KEYS[1], 'e:' .. str(n))
-    end
-    meta.xb = redis.call('HSTRLEN', KEYS[1], 'w') + redis.call('HSTRLEN', KEYS[1], 'i')
-      + meta.ob + meta.hb
-  end
+    ob = tonumber(m[14]) or 0, hb = tonumber(m[15]) or 0}
+  if counted and tonumber(m[16]) ~= meta.v then recount(meta) end
   return meta
 end
 
@@ -191,7 +203,7 @@ end
 local function save_meta(m)
   redis.call('HSET', KEYS[1], 'v', str(m.v), 'lm', str(m.lm), 'sb', str(m.sb), 'xb', str(m.xb),
     'cb', str(m.cb), 'sn', str(m.sn), 'rn', str(m.rn), 'en', str(m.en), 'eo', str(m.eo),
-    'ob', str(m.ob), 'hb', str(m.hb))
+    'ob', str(m.ob), 'hb', str(m.hb), 'lv', str(m.v))
 end
 
 -- After a session is gone: prune dead index entries and recompute the
@@ -304,7 +316,7 @@ local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1
 -- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
   'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'sn', '0', 'cb', str(#ARGV[8]),
-  'rn', '0', 'en', '0', 'eo', '1', 'ob', '0', 'hb', '0')
+  'rn', '0', 'en', '0', 'eo', '1', 'ob', '0', 'hb', '0', 'lv', '1')
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
@@ -371,7 +383,7 @@ local function untouched(reply)
 end
 local r = replay_lookup()
 if r then return untouched(r) end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local before, keys_before = cost(m), m.sn
@@ -516,7 +528,7 @@ local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
 if r then return r end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local before = cost(m)
@@ -627,7 +639,7 @@ local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
 if r then return r end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 local parts = ARGV[7]
 local xb = m.xb
@@ -669,7 +681,7 @@ local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
 if r then return r end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 local before = cost(m)
 local en, eo = m.en + 1, m.eo
@@ -707,7 +719,7 @@ local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
 if r then return r end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
@@ -738,7 +750,7 @@ local limited = rate_take(KEYS[6], ARGV[6])
 if limited then return limited end
 local r = replay_lookup()
 if r then return r end
-local m = load_meta()
+local m = load_meta(true)
 if not m then return {'NOTFOUND'} end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)

@@ -486,3 +486,46 @@ def test_a_request_id_sent_first_from_elsewhere_never_answers_for_this_client(
     retried = create("127.0.0.1")
     assert mine != planted
     assert retried == mine
+
+
+# --- sessions of the previous release ------------------------------------------------
+
+
+def test_sessions_of_the_previous_release_are_recounted_on_their_first_write(
+    client: Client, redis_client: redis.Redis
+) -> None:
+    """The previous release kept only sb and xb (and did not count
+    client_info); one of its scripts may also write a session during a
+    rolling upgrade. The next write of this release recounts from the fields,
+    so the key cap and the size cap hold from then on."""
+    from service import keys as key_names
+
+    info = {"i": "c" * 60_000}
+    sid = client.call("create_session", client_id="legacy", client_info=info)["session_id"]
+    cap = DEFAULTS.max_state_keys
+    client.call(
+        "update_session_state", session_id=sid, state_data={f"k{n:04d}": n for n in range(cap - 2)}
+    )
+    client.call(
+        "save_context", session_id=sid, context={"object_registry": {"o1": {"d": "x" * 1000}}}
+    )
+    key = key_names.session_key(sid)
+    # The previous release's layout: none of the new counters, and what an old
+    # script does on a write (a key added, the version bumped, sb grown).
+    redis_client.hdel(key, "cb", "sn", "ob", "hb", "lv")
+    redis_client.hset(key, "s:written-by-old", "1")
+    redis_client.hincrby(key, "v", 1)
+    redis_client.hincrby(key, "sb", len("written-by-old") + 1)
+    version = int(redis_client.hget(key, "v") or 0)
+    # cap - 2 + 1 keys now: two more would pass the key cap.
+    with pytest.raises(RemoteError) as over:
+        client.call("update_session_state", session_id=sid, state_data={"a": 1, "b": 2})
+    assert over.value.code == "PayloadTooLarge" and over.value.details["limit"] == cap
+    done = client.call("update_session_state", session_id=sid, state_data={"a": 1})
+    assert done["version"] == version + 1 and len(done["session_state"]) == cap
+    counters = redis_client.hmget(key, "sn", "cb", "ob", "lv")
+    assert [int(c or -1) for c in counters] == [cap, len(json.dumps(info, separators=(",", ":"))),
+                                                 2 + len('{"d":"' + "x" * 1000 + '"}'), version + 1]
+    # client_info counts toward the cap again: what is left is the cap minus it.
+    summary = client.call("get_context_summary", session_id=sid)
+    assert summary["registry_size"] == 1
