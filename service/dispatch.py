@@ -87,6 +87,7 @@ class Dispatcher:
         self.create_rate_spec = settings.rate_spec(create=True)
         self.metrics = front_metrics(settings)
         self.stats = StatsCache(settings.stats_max_age)
+        self.reply_bounds = {c.name: c.reply_bound(settings) for c in COMMANDS.values()}
 
     def handle(
         self,
@@ -136,8 +137,9 @@ class Dispatcher:
             pending.append(_Pending(n, reply_to, command, plan, client_id))
         budget, group = self.settings.batch_reply_bytes, list[_Pending]()
         used = 0
+        bounds = self.reply_bounds
         for p in pending:
-            bound = p.command.reply_bound(self.settings)
+            bound = bounds[p.command.name]
             if group and used + bound > budget:
                 yield from self._round_trip(group, labels)
                 group, used = [], 0

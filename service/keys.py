@@ -39,8 +39,12 @@ def bucket_of(chash: str) -> int:
     return int(chash, 16) % NUM_BUCKETS
 
 
+# Every bucket's hash tag, made once: key names are built on every request.
+_TAGS = tuple(f"{PREFIX}:{{b{bucket:02d}}}" for bucket in range(NUM_BUCKETS))
+
+
 def _tag(bucket: int) -> str:
-    return f"{PREFIX}:{{b{bucket:02d}}}"
+    return _TAGS[bucket]
 
 
 def new_session_id(chash: str) -> str:
@@ -86,17 +90,42 @@ def curve_clients_key() -> str:
 
 
 def replay_key(bucket: int, scope: str) -> str:
-    """scope identifies the request (command, target and request id); it is
-    hashed, so no client-chosen text ever reaches a key name."""
-    digest = hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"{_tag(bucket)}:r:{digest}"
+    """scope identifies the request (command, target, request id and
+    requester); it is hashed, so no client-chosen text ever reaches a key name."""
+    return f"{_tag(bucket)}:r:{_digest(scope)}"
+
+
+def _digest(scope: str) -> str:
+    if not scope:
+        return _EMPTY_DIGEST
+    return hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()[:32]  # read-only scripts ignore it
 
 
 def session_keys(session_id: str) -> list[str]:
     """KEYS[1..4] of every session-scoped script (the replay key is KEYS[5])."""
     chash = chash_of_session(session_id)
-    tag = _tag(bucket_of(chash))
+    tag = _TAGS[int(chash, 16) % NUM_BUCKETS]
     return [f"{tag}:s:{session_id}", f"{tag}:c:{chash}", f"{tag}:exp", f"{tag}:clients"]
+
+
+def session_script_keys(session_id: str, replay_scope: str) -> list[str]:
+    """KEYS[1..6] of a session-scoped script, for the session's client: the
+    four of session_keys, the replay record of `replay_scope` ('' for a
+    request without one) and the client's rate-limit buckets. The same names
+    as the functions above, made with one bucket computation."""
+    chash = chash_of_session(session_id)
+    tag = _TAGS[int(chash, 16) % NUM_BUCKETS]
+    return [
+        f"{tag}:s:{session_id}",
+        f"{tag}:c:{chash}",
+        f"{tag}:exp",
+        f"{tag}:clients",
+        f"{tag}:r:{_digest(replay_scope)}",
+        f"{tag}:rl:{chash}",
+    ]
 
 
 # The scheduler's keys share one hash tag, so a fenced write of its records is

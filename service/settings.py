@@ -62,23 +62,21 @@ class Settings(BaseSettings):
     # this many of transport_max_bytes each. Beyond it libzmq stops reading
     # that peer's connection (TCP pushes back; nothing is lost).
     peer_recv_queue: int = Field(default=16, ge=1, le=10_000)
-    # Messages of one peer that one batch takes; the rest wait for the next
-    # batch.
-    peer_batch_max: int = Field(default=32, ge=1, le=10_000)
     # Replies waiting for one peer: at most peer_send_queue in libzmq
     # (ZMQ_SNDHWM, each at most max_reply_bytes), then up to
     # peer_outbox_bytes held by the worker (workers/outbox.py). A peer that
     # does not read loses the replies beyond, as with Redis'
     # client-output-buffer-limit.
-    peer_send_queue: int = Field(default=32, ge=1, le=10_000)
+    peer_send_queue: int = Field(default=128, ge=1, le=10_000)
     peer_outbox_bytes: int = Field(default=16 * MIB, ge=0)
     # One batch takes at most batch_max messages and about this many request
     # bytes (always at least one message).
     batch_max_bytes: int = Field(default=16 * MIB, ge=MIB)
     # One Redis round trip carries calls whose replies may total at most
-    # this (by each command's largest possible reply); a batch above it
-    # goes to Redis in several round trips.
-    batch_reply_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # this (by each command's largest possible reply: about 1 MiB for a
+    # whole session, so 64 such requests fit); a batch above it goes to
+    # Redis in several round trips.
+    batch_reply_bytes: int = Field(default=80 * MIB, ge=MIB)
     # get_session_statistics is answered from figures at most this old
     # (s), read once per worker: like Redis' INFO, a snapshot.
     stats_max_age: float = Field(default=1.0, ge=0, le=1.0)

@@ -17,11 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import redis
+import yaml
 import zmq
 
 from service import auth
@@ -35,7 +37,18 @@ pytestmark = pytest.mark.integration
 Ctx = zmq.Context[zmq.Socket[bytes]]
 MIB = 1024 * 1024
 DEFAULTS = Settings(redis_url="redis://unused")
-CHART_MEMORY_LIMIT = 512 * MIB  # helm/stui-sessions/values.yaml, front.resources.limits
+
+
+def _chart_memory_limit() -> int:
+    """front.resources.limits.memory of the Helm chart, in bytes."""
+    values = yaml.safe_load((REPO / "helm/stui-sessions/values.yaml").read_text())
+    text = str(values["front"]["resources"]["limits"]["memory"])
+    assert text.endswith("Mi"), text
+    return int(text[:-2]) * MIB
+
+
+REPO = Path(__file__).resolve().parent.parent
+CHART_MEMORY_LIMIT = _chart_memory_limit()
 HEADROOM = 0.75  # the front must stay under this share of the limit
 BYSTANDER_DEADLINE = 1.0  # s
 

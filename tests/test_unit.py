@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -95,6 +96,14 @@ def test_key_formats_are_pinned() -> None:
     # every key of one session command shares one hash tag (one Cluster slot)
     tags = {k.split("}")[0] for k in keys.session_keys(sid)}
     assert tags == {"stui:{b47"}
+    # The six keys a session script gets are the same names, made at once.
+    for scope in ("update\0sid\0\"r-1\"\0addr:127.0.0.1", ""):
+        assert keys.session_script_keys(sid, scope) == [
+            *keys.session_keys(sid),
+            keys.replay_key(47, scope),
+            keys.rate_key(chash),
+        ]
+    assert keys.replay_key(47, "") == "stui:{b47}:r:" + hashlib.sha256(b"").hexdigest()[:32]
 
 
 def test_hostile_client_ids_cannot_reach_key_names() -> None:

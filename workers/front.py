@@ -9,9 +9,8 @@ What one peer can make this process hold is bounded by settings, not by
 what it sends (docs/security.md):
 - inbound: libzmq queues at most peer_recv_queue messages per peer, each at
   most transport_max_bytes (a larger one makes libzmq drop the peer);
-- a batch takes at most batch_max messages and about batch_max_bytes, and at
-  most peer_batch_max messages of one peer (the rest wait, in arrival order,
-  for the next batch); libzmq reads its peers in turn, so one peer's queue
+- a batch takes at most batch_max messages and about batch_max_bytes;
+  libzmq reads its peers in turn, one message each, so one peer's queue
   never holds another's first request back by more than a batch;
 - outbound: at most peer_send_queue replies wait for one peer in libzmq,
   each at most max_reply_bytes, then peer_outbox_bytes in this process
@@ -29,7 +28,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import deque
 from types import FrameType
 
 import zmq
@@ -47,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # ms between two tries of the replies that wait in the outbox.
 OUTBOX_RETRY_MS = 5
+# Addresses remembered per routing id that libzmq made (it never reuses one).
+ADDRESS_CACHE = 65536
 
 
 def _extra_frames_reply() -> bytes:
@@ -89,8 +89,8 @@ class FrontWorker:
         self.stopping = False
         self.served = 0
         self._drain_deadline = 0.0
-        # Messages read beyond their peer's share of a batch, for the next one.
-        self._carried: deque[tuple[list[bytes], str | None]] = deque()
+        # Routing id -> the peer's network address (the replay scope).
+        self._addresses: dict[bytes, str] = {}
         self.outbox: Outbox | None = None  # made with the socket
 
     def request_stop(self, *_: object) -> None:
@@ -131,8 +131,7 @@ class FrontWorker:
         log.info("front worker serving on %s", self.endpoint)
         try:
             while not self.stopping:
-                wait = 0 if self._carried else OUTBOX_RETRY_MS if self.outbox else 100
-                if poller.poll(wait) or self._carried:
+                if poller.poll(OUTBOX_RETRY_MS if self.outbox else 100):
                     self.serve_available(sock)
                 if self.outbox:
                     self.outbox.flush()
@@ -151,7 +150,12 @@ class FrontWorker:
             sock.close(linger=int(remaining * 1000))
             if self.curve is not None:
                 self.curve.stop()
-            log.info("front worker stopped after %d requests", self.served)
+            held = self.outbox.held if self.outbox is not None else 0
+            log.info(
+                "front worker stopped after %d requests (%d replies waited in the outbox)",
+                self.served,
+                held,
+            )
 
     def drain(self, sock: zmq.Socket[bytes]) -> None:
         """After a stop request: answer what has already arrived, within the grace period."""
@@ -160,7 +164,7 @@ class FrontWorker:
         while time.monotonic() < self._drain_deadline:
             if self.outbox:
                 self.outbox.flush()
-            if self._carried or sock.poll(20, zmq.POLLIN):
+            if sock.poll(20, zmq.POLLIN):
                 self.serve_available(sock)
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 0.2:
@@ -174,22 +178,11 @@ class FrontWorker:
         bad: list[list[bytes]] = []
         settings = self.settings
         taken = 0
-        per_peer: dict[bytes, int] = {}
-        carried, self._carried = self._carried, deque()
-        while len(envelopes) + len(bad) < settings.batch_max and taken < settings.batch_max_bytes:
-            if carried:
-                frames, peer = carried.popleft()
-            else:
-                try:
-                    frames, peer = self._receive(sock)
-                except zmq.Again:
-                    break
-            who = frames[self.routing_frames - 1]
-            if per_peer.get(who, 0) >= settings.peer_batch_max:
-                self._carried.append((frames, peer))
-                continue
-            per_peer[who] = per_peer.get(who, 0) + 1
-            taken += sum(len(f) for f in frames)
+        for _ in range(settings.batch_max):
+            try:
+                frames, peer = self._receive(sock)
+            except zmq.Again:
+                break
             envelope, body = self._split(frames)
             if body is None:
                 bad.append(envelope)
@@ -197,7 +190,9 @@ class FrontWorker:
                 envelopes.append(envelope)
                 bodies.append(body)
                 peers.append(peer)
-        self._carried.extend(carried)  # the batch filled before they got in
+            taken += sum(len(f) for f in frames)
+            if taken >= settings.batch_max_bytes:
+                break
         metrics = self.metrics
         outcomes: list[tuple[str, str]] = []
         if metrics is not None and bodies:
@@ -218,19 +213,32 @@ class FrontWorker:
             outcomes.extend([(INVALID, InvalidRequest.code)] * len(bad))
             metrics.finished(outcomes, time.perf_counter() - started)
 
-    def pending(self) -> bool:
-        """Messages already read and waiting for the next batch."""
-        return bool(self._carried)
-
     def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
         """The frames, and what identifies the sender: with CURVE the public
         key (Z85) that sent them, else the peer's network address."""
         if self.forwarded_identity:
             frames = sock.recv_multipart(zmq.NOBLOCK)
             return [frames[0], *frames[2:]], frames[1].decode("ascii", "replace")
-        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        name = "User-Id" if self.client_keys is not None else "Peer-Address"
-        return [p.bytes for p in parts], _property(parts[-1], name)
+        if self.client_keys is not None:  # the key: read on every message (it may be removed)
+            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            return [p.bytes for p in parts], _property(parts[-1], "User-Id")
+        # A connection's address does not change: read it from the first
+        # frame once per routing id, and take the rest of the message as bytes.
+        first = sock.recv(zmq.NOBLOCK, copy=False)
+        frames = [first.bytes]
+        while sock.getsockopt(zmq.RCVMORE):
+            frames.append(sock.recv())
+        rid = frames[0]
+        address = self._addresses.get(rid)
+        if address is None:
+            address = _property(first, "Peer-Address") or ""
+            # Only ids libzmq made (a zero byte first) are never reused; a
+            # peer may choose its own, and another peer may take it later.
+            if rid[:1] == b"\x00":
+                if len(self._addresses) >= ADDRESS_CACHE:
+                    self._addresses.clear()  # routing ids of gone peers: start again
+                self._addresses[rid] = address
+        return frames, address
 
     def _split(self, frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
         """(reply envelope, body); body is None when the frames are malformed."""

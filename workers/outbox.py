@@ -33,15 +33,23 @@ class Outbox:
         self.dropped = dropped
         self._queues: dict[bytes, deque[list[bytes]]] = {}
         self._bytes: dict[bytes, int] = {}
+        self.held = 0  # replies that had to wait here (a send queue was full)
 
     def __bool__(self) -> bool:
         return bool(self._queues)
 
     def send(self, frames: list[bytes]) -> None:
         """Send now, or hold behind what already waits for that peer."""
-        peer = frames[0]
-        if peer in self._queues or not self._try(frames):
-            self._hold(peer, frames)
+        if self._queues and frames[0] in self._queues:
+            self._hold(frames[0], frames)
+            return
+        try:  # the common case, inline: one call per reply
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._hold(frames[0], frames)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer has left
+            log.debug("reply dropped: %s", exc)
+            self.dropped("gone")
 
     def flush(self) -> None:
         """Send what waits, each peer's replies in order, until its queue is full."""
@@ -77,6 +85,7 @@ class Outbox:
             return
         self._queues.setdefault(peer, deque()).append(frames)
         self._bytes[peer] = held + size
+        self.held += 1
 
 
 def _size(frames: list[bytes]) -> int:

@@ -152,11 +152,8 @@ def session_call(
     if client_id is not None and keys.client_hash(client_id) != chash:
         # Another client's session: invisible, and no reason to ask Redis.
         raise SessionNotFound()
-    bucket = keys.bucket_of(chash)
     fp = fingerprint(ctx) if replay else ""
-    key_list = keys.session_keys(session_id)
-    key_list.append(keys.replay_key(bucket, replay_scope(ctx, session_id) if fp else ""))
-    key_list.append(keys.rate_key(chash))
+    key_list = keys.session_script_keys(session_id, replay_scope(ctx, session_id) if fp else "")
     args: list[Arg] = [
         client_id or "",
         fp,

@@ -68,7 +68,6 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "max_reply_bytes": s.max_reply_bytes,
                     "peer_recv_queue": s.peer_recv_queue,
                     "peer_inbound_bytes": s.peer_inbound_bytes,
-                    "peer_batch_max": s.peer_batch_max,
                     "peer_send_queue": s.peer_send_queue,
                     "peer_outbox_bytes": s.peer_outbox_budget,
                     "peer_outbound_bytes": s.peer_outbound_bytes,
