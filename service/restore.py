@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 # The session hash's fixed fields (see service/scripts.py's docstring); the
 # others are s:<key>, o:<id> and e:<n>.
-KNOWN_FIELDS = frozenset(b"c ca lm to v a ci cb sb sn xb ob hb lv w wv i ih so rn en eo".split())
+KNOWN_FIELDS = frozenset(b"c ca lm to v a ci sb xb cn w wv i ih so rn en eo".split())
 # Recomputed, never trusted.
-COUNTERS = (b"cb", b"sb", b"sn", b"xb", b"ob", b"hb", b"rn", b"en", b"eo", b"lv")
+COUNTERS = (b"sb", b"xb", b"rn", b"en", b"eo", b"cn")
 MAX_MS = 2**53  # timestamps, TTLs and counts beyond this are not numbers Redis' Lua keeps
 MAX_OBJECT_ID = 256  # characters (models.ObjectId)
 LOG_ID = 20  # characters of a session id a log line shows
@@ -178,16 +178,13 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
         _json(value, "a history entry")
 
     counters = {
-        b"cb": len(ci),
         b"sb": state_bytes,
-        b"sn": len(state),
         b"xb": context_bytes,
-        b"ob": registry_bytes,
-        b"hb": history_bytes,
-        b"lv": int(meta[b"v"]),  # counted by this release at this version
         b"rn": len(registry),
         b"en": newest,
         b"eo": oldest,
+        # sn, cb, ob, hb, and lv: counted at this version (scripts.py, "cn")
+        b"cn": f"{len(state)},{len(ci)},{registry_bytes},{history_bytes},{int(meta[b'v'])}",
     }
     fields = [(n, v) for n, v in rec.fields if n not in counters]
     fields += [(n, str(counters[n]).encode()) for n in COUNTERS]

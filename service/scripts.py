@@ -33,16 +33,20 @@ cap), 'TOOMANYKEYS' (over the state key cap), 'LIMIT' (+ live count), 'FULL'
 'COLLISION' (a new session id already exists).
 
 Session hash fields: c client id, ca created (ms), lm last modified (ms),
-to timeout (s), v version, a active (1/0), ci client_info JSON, cb its
-bytes, sb state bytes, sn state key count, xb context bytes (w, i, ob and
-hb together), ob registry bytes, hb history bytes, s:<key> state entries, w
-workspace_context, wv its variable count, i inspector_state, ih its history
-length, so its selected object, o:<id> registry entries, rn registry size,
-e:<n> evaluation history entries, en newest entry number, eo oldest.
-A write recounts the counters from the fields first when lv (the version
-at which a script of this release last wrote them) is not the session's
-version: the session was last written by an earlier release, which kept
-fewer counters (load_meta).
+to timeout (s), v version, a active (1/0), ci client_info JSON, sb state
+bytes, xb context bytes (w, i, registry and history together), s:<key>
+state entries, w workspace_context, wv its variable count, i
+inspector_state, ih its history length, so its selected object, o:<id>
+registry entries, rn registry size (absent: 0), e:<n> evaluation history
+entries, en newest entry number (absent: 0), eo oldest (absent: 1), and cn,
+the counters the previous release did not keep, in one field to spare a
+hash field each: 'sn,cb,ob,hb,lv' (state key count, client_info bytes,
+registry bytes, history bytes, and lv, the version at which a script of
+this release counted them). The fields the previous release reads (sb, xb,
+rn, en, eo) stay as they were, so that its fronts keep working during a
+rolling upgrade. A write recounts every counter from the fields first when
+lv is not the session's version: the session was last written by the
+previous release (load_meta).
 
 Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
 bytes (service/limits.py), keys counted as a reply writes them (klen). A
@@ -164,15 +168,20 @@ end
 -- (lv, the version they were written at, is not the session's version).
 local function load_meta(counted)
   local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb',
-    'cb', 'sn', 'rn', 'en', 'eo', 'ob', 'hb', 'lv')
+    'rn', 'en', 'eo', 'cn')
   if not m[1] then return nil end
   if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
   local meta = {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
     v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]) or 0, xb = tonumber(m[8]) or 0,
-    cb = tonumber(m[9]) or 0, sn = tonumber(m[10]) or 0, rn = tonumber(m[11]) or 0,
-    en = tonumber(m[12]) or 0, eo = tonumber(m[13]) or 1,
-    ob = tonumber(m[14]) or 0, hb = tonumber(m[15]) or 0}
-  if counted and tonumber(m[16]) ~= meta.v then recount(meta) end
+    rn = tonumber(m[9]) or 0, en = tonumber(m[10]) or 0, eo = tonumber(m[11]) or 1,
+    sn = 0, cb = 0, ob = 0, hb = 0}
+  local lv
+  if m[12] then
+    local sn, cb, ob, hb, at = string.match(m[12], '^(%d+),(%d+),(%d+),(%d+),(%d+)$')
+    meta.sn, meta.cb, meta.ob, meta.hb = tonumber(sn), tonumber(cb), tonumber(ob), tonumber(hb)
+    lv = tonumber(at)
+  end
+  if counted and lv ~= meta.v then recount(meta) end
   return meta
 end
 
@@ -207,12 +216,14 @@ local function touch(m, now)
   return exp
 end
 
-local COUNTERS = {'sb', 'sn', 'xb', 'ob', 'hb', 'cb', 'rn', 'en', 'eo'}
+local COUNTERS = {'sb', 'xb', 'rn', 'en', 'eo'}
 
--- The version, the time and lv, with the counters the write changed (every
--- counter after a recount).
+-- The version, the time, cn (sn, cb, ob, hb and lv, the version they are
+-- counted at, in one field) and the other counters the write changed
+-- (every one after a recount).
 local function save_meta(m, ...)
-  local sets = {'v', str(m.v), 'lm', str(m.lm), 'lv', str(m.v)}
+  local sets = {'v', str(m.v), 'lm', str(m.lm),
+    'cn', table.concat({str(m.sn), str(m.cb), str(m.ob), str(m.hb), str(m.v)}, ',')}
   local changed = m.recounted and COUNTERS or {...}
   for _, f in ipairs(changed) do sets[#sets + 1] = f; sets[#sets + 1] = str(m[f]) end
   redis.call('HSET', KEYS[1], unpack(sets))
@@ -327,8 +338,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
 local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1, sb = 0, xb = 0}
 -- First write: refused cleanly by a full Redis (see the module docstring).
 redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
-  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'sn', '0', 'cb', str(#ARGV[8]),
-  'rn', '0', 'en', '0', 'eo', '1', 'ob', '0', 'hb', '0', 'lv', '1')
+  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'cn', '0,' .. str(#ARGV[8]) .. ',0,0,1')
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
@@ -420,7 +430,7 @@ if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} 
 if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
 local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'sb', 'sn')  -- first write: refused cleanly by a full Redis
+save_meta(m, 'sb')  -- first write: refused cleanly by a full Redis
 chunked('HDEL', KEYS[1], old)
 local sets, dels = {}, {}
 for i = 11, #ARGV, 2 do
@@ -580,7 +590,7 @@ if nhist >= 0 then m.eo = m.en + 1; m.en = m.en + nhist end
 if too_large(m, before, ARGV[8]) then return {'TOOLARGE'} end
 local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'ob', 'hb', 'rn', 'en', 'eo')  -- first write: refused cleanly by a full Redis
+save_meta(m, 'xb', 'rn', 'en', 'eo')  -- first write: refused cleanly by a full Redis
 if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
 elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[10]) end
 if ins == '' then redis.call('HDEL', KEYS[1], 'i', 'ih', 'so')
@@ -680,7 +690,7 @@ end
 chunked('HDEL', KEYS[1], del)
 local now = now_ms()
 m.v, m.lm, m.xb = m.v + 1, now, xb
-save_meta(m, 'xb', 'ob', 'hb', 'rn', 'eo')
+save_meta(m, 'xb', 'rn', 'eo')
 touch(m, now)
 local reply = {'OK', m.v}
 replay_save(reply, 2)
@@ -717,7 +727,7 @@ redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7])
 chunked('HDEL', KEYS[1], evict)
 local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'hb', 'en', 'eo')
+save_meta(m, 'xb', 'en', 'eo')
 touch(m, now)
 local reply = {'OK', en - eo + 1, m.v}
 replay_save(reply, 3)
@@ -749,7 +759,7 @@ if too_large(m, before, ARGV[10]) then return {'TOOLARGE'} end
 redis.call('HSET', KEYS[1], f, ARGV[8])
 local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'ob', 'rn')
+save_meta(m, 'xb', 'rn')
 touch(m, now)
 local reply = {'OK', m.rn, m.v}
 replay_save(reply, 3)
@@ -779,7 +789,7 @@ if old > 0 then
   local gone = klen(ARGV[7]) + old
   m.v, m.lm, m.rn = m.v + 1, now, m.rn - 1
   m.xb, m.ob = math.max(0, m.xb - gone), math.max(0, m.ob - gone)
-  save_meta(m, 'xb', 'ob', 'rn')
+  save_meta(m, 'xb', 'rn')
 end
 touch(m, now)
 local reply = {'OK', released, m.rn, m.v}

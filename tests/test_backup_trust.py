@@ -89,10 +89,9 @@ def session(client_id: str, now_ms: int, **fields: str) -> SessionRecord:
         "e:1": '{"code":"1+1"}',
         "e:2": '{"code":"2+2"}',
         "o:obj-1": '{"class":"Point"}',
-        "cb": "0",
         "sb": "0",
-        "sn": "0",
         "xb": "0",
+        "cn": "0,0,0,0,1",
         "rn": "0",
         "en": "0",
         "eo": "1",
@@ -284,7 +283,7 @@ def test_restore_refuses_what_the_service_could_never_hold(
 
     good = [session(f"good{n}", now) for n in range(3)]
     greedy = [session("greedy", now) for _ in range(11)]  # the limit is 5
-    lying = session("liar", now, en="999999999999", eo="1", sb="0", xb="0", cb="0", rn="7")
+    lying = session("liar", now, en="999999999999", eo="1", sb="0", xb="0", cn="0,0,0,0,1", rn="7")
     forged = dict(session("victim", now, v=str(2**53), **{"s:a": secret}).fields)
     bad = {
         "timeout 999999999": session("t1", now, to="999999999", **{"s:x": secret}),
@@ -349,8 +348,12 @@ def test_restore_refuses_what_the_service_could_never_hold(
         stored[b"xb"]
         == str(len(fields[b"w"]) + len("obj-1") + len(fields[b"o:obj-1"]) + 14 + 14).encode()
     )
-    assert (stored[b"cb"], stored[b"sn"], stored[b"rn"]) == (b"16", b"1", b"1")
-    assert (stored[b"en"], stored[b"eo"]) == (b"2", b"1")
+    assert (stored[b"rn"], stored[b"en"], stored[b"eo"]) == (b"1", b"2", b"1")
+    packed = stored[b"cn"]
+    assert isinstance(packed, bytes)
+    sn, cb, ob, hb, lv = (int(x) for x in packed.split(b","))
+    assert (sn, cb, ob, hb) == (1, 16, len("obj-1") + len(fields[b"o:obj-1"]), 14 + 14)
+    assert lv == int(stored[b"v"])
     # ... and the service goes on from them: one more evaluation is entry 3.
     reply = run(
         dispatcher,
