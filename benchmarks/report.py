@@ -74,28 +74,26 @@ listed below the table.
 This is analysis of the figures below, not a measurement of its own.
 
 - **CPU per update (and with it throughput).** Redis alone spends two to
-  three times the CPU per update (88 to 120 us in the table below) that the
-  whole echo server spends per request (about 45 us): the update
-  script makes 14 to 17 calls inside Redis (the rate-limit buckets, the
-  replay record, the version check, the state write, sliding expiry of the
-  session and of its three index entries, and reading back the state the
-  reply must carry). The Python front spends 106 to 154 us per request at
-  16 and 64 in flight, against the echo server's ZeroMQ and JSON work of
-  about 45 us: on top of that it runs pydantic validation, the
-  replay fingerprint (a canonical dump and SHA-256 of the parameters), key
-  building and reply assembly, even with hiredis packing the pipeline and
-  parsing the replies. Throughput follows: the front worker waits for Redis
-  while Redis waits for the front, so one worker is capped near
-  1 / (front + Redis CPU per request). Closing the gap needs fewer Redis
-  calls per write (for example one packed metadata field instead of several)
-  and a leaner validation path; neither is done yet.
+  three times the CPU per update (the table below) that the whole echo
+  server spends per request (30 to 45 us): the update script makes about
+  16 calls inside Redis (the rate-limit buckets, the replay record, the
+  version and size checks, the state write, sliding expiry of the session
+  and of its three index entries). The Python front spends more than the
+  echo server's ZeroMQ and JSON work: on top of that it runs pydantic
+  validation, the replay fingerprint (a canonical dump and SHA-256 of the
+  parameters), key building and reply assembly, even with hiredis packing
+  the pipeline and parsing the replies. Throughput follows: the front
+  worker waits for Redis while Redis waits for the front, so one worker is
+  capped near 1 / (front + Redis CPU per request). Closing the gap needs
+  fewer Redis calls per write (one packed metadata field, one clock
+  reading) and a leaner validation path: the next issue's work.
 - **Memory per session.** A 1 KB state value is longer than Redis'
   `hash-max-listpack-value` (64 bytes), so the session hash uses the
-  hashtable encoding, where each of its dozen metadata fields costs a
-  dictionary entry. Packing the metadata into one field, or a Redis
-  configured with a larger `hash-max-listpack-value`, would bring it under
-  2 KB (measured at about 1.76 KB with 2048 in a separate 5,000-session run);
-  neither is done in this run.
+  hashtable encoding, where each metadata field costs a dictionary entry
+  (about 100 bytes). The counters are partly packed into one field (`cn`);
+  the fields the previous release reads stay separate for rolling upgrades.
+  Packing all of the metadata into one field, or a Redis configured with a
+  larger `hash-max-listpack-value`, would bring it under 2 KB.
 
 ## Throughput and latency
 
@@ -161,10 +159,14 @@ so a session hash holding a 1 KB state value is a hashtable.
 
 ## get_session_statistics latency
 
-REQ, one request in flight, {stats_calls} calls after {stats_warmup} warm-up calls. "In Redis"
-is the time Redis spent inside the 64 script calls of one request (commandstats
-`usec` of EVALSHA), the part that could grow with the session count; the rest
-is the front worker and the round trip.
+REQ, one request in flight, {stats_calls} calls after {stats_warmup} warm-up calls. The
+front runs with `STUI_STATS_MAX_AGE=0`, so every request reads the 64 buckets:
+this is the cost of one read of the snapshot that, at the default (1 s), each
+worker makes at most once a second and answers every other request from
+(0 script calls of its own: `tests/test_bounds.py`). "In Redis" is the time
+Redis spent inside the 64 script calls of one read (commandstats `usec` of
+EVALSHA), the part that could grow with the session count; the rest is the
+front worker and the round trip.
 
 | live sessions | p50 ms | p99 ms | in Redis, ms per call | Redis commands per call | errors |
 |---:|---:|---:|---:|---:|---:|

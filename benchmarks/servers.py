@@ -51,9 +51,14 @@ def process_cpu(pid: int) -> float:
 
 
 def _clean_env() -> dict[str, str]:
-    """No STUI_* settings leak in from the caller's shell: defaults only."""
+    """No STUI_* settings leak in from the caller's shell: defaults only, but
+    for one: the statistics phase measures an exact read of the 64 buckets,
+    so the front reads them for every request (STUI_STATS_MAX_AGE=0) rather
+    than from its snapshot of at most a second (the default), which costs a
+    request no script call of its own (tests/test_bounds.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STUI_")}
     env["STUI_LOG_LEVEL"] = "WARNING"
+    env["STUI_STATS_MAX_AGE"] = "0"
     return env
 
 
