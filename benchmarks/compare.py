@@ -55,10 +55,13 @@ class Figures:
         return statistics.median(values) if values else float("nan")
 
 
-def start_front(tree: Path, url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_front(
+    tree: Path, url: str, port: int, log: Path, extra: dict[str, str]
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STUI_")}
     # The limiter stays on (its code runs) with room for the load.
     env.update(STUI_LOG_LEVEL="WARNING", STUI_RATE_BURST="1000000000", PYTHONPATH=str(tree))
+    env.update(extra)
     with open(log, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "front", "--redis-url", url,
@@ -151,7 +154,7 @@ def measure(
 
 
 def report(against: str, found: dict[tuple[str, str], Figures], rounds: int, seconds: float,
-           info: dict[str, str], took: float) -> str:
+           info: dict[str, str], took: float, extra: dict[str, str]) -> str:
     rows = []
     for kind in ("REQ", "DEALER"):
         old, new = found[(kind, "earlier")], found[(kind, "this")]
@@ -166,6 +169,10 @@ def report(against: str, found: dict[tuple[str, str], Figures], rounds: int, sec
         rows.append(f"| {kind} x{INFLIGHT} | **front + Redis** | {a:,.1f} us | {b:,.1f} us | "
                     f"**{b / a:.2f}x** |")
     described = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    settings = (
+        "This tree's front ran with " + ", ".join(f"`{k}={v}`" for k, v in extra.items()) + "."
+        if extra else "Both fronts ran with their default settings."
+    )
     table = "\n".join(rows)
     return f"""# This tree against {against}
 
@@ -179,6 +186,7 @@ round. Medians over the rounds; "ratio" is this tree over {against} (below 1
 is better, but for throughput). CPU is per request answered: the front's own
 (psutil) and Redis' time inside the script (`INFO commandstats`). The
 machine is shared: the ratios, taken in one run, are the figures to quote.
+{settings}
 
 | load | figure | {against} | this tree | ratio |
 |---|---|---:|---:|---:|
@@ -194,7 +202,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--against", required=True, help="a commit, tag or branch")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="STUI_NAME=VALUE",
+        help="a setting for this tree's front only (repeatable), e.g. to price one bound",
+    )
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.env)
     rounds, seconds = (2, 2.0) if args.quick else (8, 4.0)
     progress = Progress()
     started = time.monotonic()
@@ -209,7 +222,9 @@ def main() -> None:
     try:
         for name, root in (("earlier", tree), ("this", REPO)):
             port = free_port()
-            proc = start_front(root, server.url, port, work / f"{name}.log")
+            proc = start_front(
+                root, server.url, port, work / f"{name}.log", extra if name == "this" else {}
+            )
             procs[name] = (proc, f"tcp://127.0.0.1:{port}")
             wait_answering(ctx, procs[name][1], proc)
         sids = {name: sessions(ctx, endpoint, name) for name, (_, endpoint) in procs.items()}
@@ -241,13 +256,14 @@ def main() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
-    json_path, md_path = outputs("compare", args.quick)
+    json_path, md_path = outputs("compare", args.quick or bool(extra))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(plain({
-        "against": args.against, "rounds": rounds, "seconds": seconds, "machine": info,
+        "against": args.against, "env": extra, "rounds": rounds, "seconds": seconds,
+        "machine": info,
         "figures": {f"{k[0]} {k[1]}": vars(v) for k, v in found.items()}}), indent=1))
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(report(args.against, found, rounds, seconds, info, took))
+    md_path.write_text(report(args.against, found, rounds, seconds, info, took, extra))
     progress(f"wrote {md_path} and {json_path}")
 
 

@@ -98,8 +98,9 @@ class Dispatcher:
     ) -> list[bytes]:
         """Every reply, in request order (see handle_iter)."""
         replies: list[bytes | None] = [None] * len(bodies)
-        for n, reply in self.handle_iter(bodies, identities, outcomes, peers):
-            replies[n] = reply
+        for ready in self.handle_iter(bodies, identities, outcomes, peers):
+            for n, reply in ready:
+                replies[n] = reply
         return [r if r is not None else encode_error(ReplyTo(), InternalError()) for r in replies]
 
     def handle_iter(
@@ -108,18 +109,19 @@ class Dispatcher:
         identities: Sequence[str | None] | None = None,
         outcomes: list[tuple[str, str]] | None = None,
         peers: Sequence[str] | None = None,
-    ) -> Iterator[tuple[int, bytes]]:
-        """(index, reply) for every request, as each is ready: refusals and
-        answers that need no Redis first, then round trip by round trip. A
-        round trip carries calls whose replies may total batch_reply_bytes at
-        most (by each command's largest possible reply), so what Redis sends
-        back at once, and what this process holds of it, stays bounded
-        whatever the sessions hold. With `outcomes`, each request's
-        (command, outcome) is appended to it in request order once the
-        iterator is exhausted: the labels of its metrics."""
+    ) -> Iterator[list[tuple[int, bytes]]]:
+        """The replies, as (index, reply) pairs, a list at a time as they are
+        ready: refusals and answers that need no Redis first, then round trip
+        by round trip. A round trip carries calls whose replies may total
+        batch_reply_bytes at most (by each command's largest possible reply),
+        so what Redis sends back at once, and what this process holds of it,
+        stays bounded whatever the sessions hold. With `outcomes`, each
+        request's (command, outcome) is appended to it in request order once
+        the iterator is exhausted: the labels of its metrics."""
         policy = self.policy.current() if self.policy is not None else None
         labels: list[tuple[str, str]] = [(INVALID, InternalError.code)] * len(bodies)
         pending: list[_Pending] = []
+        ready: list[tuple[int, bytes]] = []
         for n, body in enumerate(bodies):
             identity = identities[n] if identities is not None else None
             peer = peers[n] if peers is not None else ""
@@ -128,31 +130,33 @@ class Dispatcher:
             except DecodeError as exc:
                 command_label = exc.command if isinstance(exc, _Refused) else INVALID
                 labels[n] = (command_label, exc.error.code)
-                yield n, encode_error(exc.reply_to, exc.error)
+                ready.append((n, encode_error(exc.reply_to, exc.error)))
                 continue
             if not plan.calls and not (plan.needs_stats and not self.stats.fresh()):
                 reply, labels[n] = self._finish(reply_to, command, plan, [], client_id)
-                yield n, reply
+                ready.append((n, reply))
                 continue
             pending.append(_Pending(n, reply_to, command, plan, client_id))
+        if ready:
+            yield ready
         budget, group = self.settings.batch_reply_bytes, list[_Pending]()
         used = 0
         bounds = self.reply_bounds
         for p in pending:
             bound = bounds[p.command.name]
             if group and used + bound > budget:
-                yield from self._round_trip(group, labels)
+                yield self._round_trip(group, labels)
                 group, used = [], 0
             group.append(p)
             used += bound
         if group:
-            yield from self._round_trip(group, labels)
+            yield self._round_trip(group, labels)
         if outcomes is not None:
             outcomes.extend(labels)
 
     def _round_trip(
         self, group: list[_Pending], labels: list[tuple[str, str]]
-    ) -> Iterator[tuple[int, bytes]]:
+    ) -> list[tuple[int, bytes]]:
         calls: list[Call] = []
         refresh = 0
         if any(p.plan.needs_stats for p in group) and not self.stats.fresh():
@@ -173,20 +177,23 @@ class Dispatcher:
                 self.metrics.redis_error()
             if refresh:
                 self.stats.fail(error)
+            failed = []
             for p in group:
                 labels[p.n] = (p.command.name, error.code)
-                yield p.n, encode_error(p.reply_to, error)
-            return
+                failed.append((p.n, encode_error(p.reply_to, error)))
+            return failed
         if refresh:
             self.stats.absorb(results[:refresh])
         if self.metrics is not None:
             refused = sum(1 for r in results if isinstance(r, StorageUnavailable))
             if refused:
                 self.metrics.redis_error(refused)
+        done = []
         for p in group:
             own = results[p.first_call : p.first_call + len(p.plan.calls)]
             reply, labels[p.n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
-            yield p.n, reply
+            done.append((p.n, reply))
+        return done
 
     def _plan(
         self, body: bytes, identity: str | None, peer: str, policy: Policy | None

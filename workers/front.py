@@ -190,7 +190,7 @@ class FrontWorker:
                 envelopes.append(envelope)
                 bodies.append(body)
                 peers.append(peer)
-            taken += sum(len(f) for f in frames)
+            taken += len(frames[-1])  # the body; routing frames are a few bytes
             if taken >= settings.batch_max_bytes:
                 break
         metrics = self.metrics
@@ -206,8 +206,12 @@ class FrontWorker:
             else:
                 addresses = [a or "" for a in peers]
                 answers = self.dispatcher.handle_iter(bodies, None, outcomes, addresses)
-            for n, reply in answers:
-                self._send(sock, envelopes[n], reply)
+            if self.outbox is None:  # serve_available called without run (tests)
+                self.outbox = Outbox(sock, self.settings.peer_outbox_budget, self._dropped)
+            send = self.outbox.send
+            for ready in answers:
+                for n, reply in ready:
+                    send([*envelopes[n], reply])
         self.served += len(bodies) + len(bad)
         if metrics is not None and (bodies or bad):
             outcomes.extend([(INVALID, InvalidRequest.code)] * len(bad))
