@@ -404,3 +404,19 @@ def test_a_body_in_both_encodings_is_refused(fake_dispatcher: Callable[..., Disp
         assert error["data"]["details"] == {"field": "payload"}
         assert reply["id"] == "both-1"
     assert ask(d, "list_client_sessions", client_id="both")["result"]["session_count"] == 0
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.cli import SERVE_BIND, build_parser, serve_bind
+    from workers.cli_common import settings_from
+
+    monkeypatch.delenv("STUI_BIND", raising=False)
+    assert SERVE_BIND == "tcp://127.0.0.1:5555"
+    assert serve_bind(settings_from(build_parser().parse_args(["serve"]))) == SERVE_BIND
+    wide = build_parser().parse_args(["serve", "--bind", "tcp://0.0.0.0:7000"])
+    assert serve_bind(settings_from(wide)) == "tcp://0.0.0.0:7000"
+    monkeypatch.setenv("STUI_BIND", "tcp://10.0.0.5:5555")
+    assert serve_bind(settings_from(build_parser().parse_args(["serve"]))) == "tcp://10.0.0.5:5555"
+    # front keeps the all-interfaces default: it is what a pod's port needs.
+    monkeypatch.delenv("STUI_BIND")
+    assert Settings(redis_url="redis://unused").bind == "tcp://0.0.0.0:5555"

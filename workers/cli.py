@@ -28,6 +28,13 @@ from workers.runtime import build_dispatcher, configure_logging
 SERVE_BIND = "tcp://127.0.0.1:5555"
 
 
+def serve_bind(settings: Settings) -> str:
+    """A local run listens on loopback only, unless told otherwise (--bind,
+    STUI_BIND): with CURVE off, anyone who reaches the port can use any
+    client's sessions."""
+    return settings.bind if "bind" in settings.model_fields_set else SERVE_BIND
+
+
 def _run_fronts(settings: Settings) -> None:
     if not settings.redis_configured:
         raise SystemExit(NO_REDIS)
@@ -71,9 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     front in this process, a scheduler and the HTTP server as children."""
     settings = settings_from(args)
     configure_logging(settings)
-    # A local run listens on loopback only, unless told otherwise: with CURVE
-    # off, anyone who reaches the port can use any client's sessions.
-    bind = settings.bind if "bind" in settings.model_fields_set else SERVE_BIND
+    bind = serve_bind(settings)
     with _redis_for(settings) as url, _companions(settings, url) as metrics_dir:
         print(f"stui-sessions serving on {bind}", file=sys.stderr)
         update = {"redis_url": url, "metrics_dir": metrics_dir, "bind": bind}
