@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from service import keys
+from service import keys, layout
 from service.backup_files import create_private, sync_dir, temp_name
 from service.backup_files import prepare_dir as prepare_dir
 from service.backup_format import BATCH as BATCH
@@ -104,7 +104,15 @@ def _read_batch(client: redis.Redis, batch: list[bytes]) -> Iterator[SessionReco
             flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
         )
         read_ms = int(sec) * 1000 + int(usec) // 1000
-        yield SessionRecord(sid, pairs, None if pttl < 0 else int(pttl), read_ms)
+        # The file holds the layout-free form (layout.to_logical), and the
+        # session's exact expiry rather than its key's, which may be later.
+        logical, exact = layout.to_logical(pairs)
+        ttl = None if pttl < 0 else int(pttl)
+        if exact is not None:
+            if exact <= read_ms:
+                continue  # expired: its key outlives it by at most a second
+            ttl = exact - read_ms
+        yield SessionRecord(sid, logical, ttl, read_ms)
 
 
 def _size(rec: SessionRecord) -> int:

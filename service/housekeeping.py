@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
-from service import keys
+from service import keys, layout
 from service.backup import BATCH, redis_now_ms
 
 Guard = Callable[[], None]
@@ -87,6 +87,8 @@ def _split(entries: dict[bytes, bytes], now: int) -> tuple[list[bytes], dict[byt
     """(dead session ids, {live session id: expiry})."""
     dead, live = [], {}
     for sid, packed in entries.items():
+        if not layout.is_session_entry(sid):
+            continue  # the index's own fields (rate buckets, replay records)
         exp = int(packed.split(b"|", 1)[0])
         if exp <= now:
             dead.append(sid)
@@ -146,10 +148,13 @@ def _repair(node: redis.Redis, index_key: bytes, pruned: Pruned) -> None:
                 pipe.hdel(index_key, *dead, *orphans)
             if orphans:
                 pipe.zrem(exp_key, *orphans)
+            # The client's score, with the key's slack, as the scripts keep it.
+            latest = max(live.values(), default=0)
             if live:
-                pipe.zadd(clients_key, {chash: max(live.values())})
+                pipe.zadd(clients_key, {chash: latest + layout.EXPIRY_SLACK_MS})
             else:
                 pipe.zrem(clients_key, chash)
+            pipe.hset(index_key, "!c", latest + layout.EXPIRY_SLACK_MS if live else 0)
             pipe.execute()
         except redis.WatchError:
             return  # a script touched this client meanwhile: next run

@@ -9,11 +9,15 @@ session command needs is known from the session id alone.
 Layout (b = two-digit bucket, h = 16-hex client hash):
 
     stui:{b<b>}:s:<session_id>   hash    one session: metadata, state, context
-    stui:{b<b>}:c:<h>            hash    a client's sessions: id -> packed metadata
+    stui:{b<b>}:c:<h>            hash    a client's sessions: id -> packed metadata;
+                                         its rate-limit buckets; replay records
+                                         of create and close (service/layout.py)
     stui:{b<b>}:exp              zset    the bucket's sessions, scored by expiry (ms)
     stui:{b<b>}:clients          zset    the bucket's clients, scored by latest expiry
-    stui:{b<b>}:r:<digest>       string  replay record of a mutating request
-    stui:{b<b>}:rl:<h>           hash    a client's rate-limit token buckets
+
+The previous release also kept stui:{b<b>}:r:<digest> (replay records) and
+stui:{b<b>}:rl:<h> (rate-limit buckets); this one never reads them, and
+they expire on their own.
     stui:{policy}:<list>         set     client policy: allow, allow-prefix, deny, deny-prefix
     stui:{auth}:curve            hash    CURVE public key (Z85) -> client id
 """
@@ -76,10 +80,6 @@ def bucket_clients_key(bucket: int) -> str:
     return f"{_tag(bucket)}:clients"
 
 
-def rate_key(chash: str) -> str:
-    return f"{_tag(bucket_of(chash))}:rl:{chash}"
-
-
 def policy_key(list_name: str) -> str:
     """list_name: allow, allow-prefix, deny or deny-prefix (one hash slot for all)."""
     return f"{PREFIX}:{{policy}}:{list_name}"
@@ -89,43 +89,20 @@ def curve_clients_key() -> str:
     return f"{PREFIX}:{{auth}}:curve"
 
 
-def replay_key(bucket: int, scope: str) -> str:
-    """scope identifies the request (command, target, request id and
-    requester); it is hashed, so no client-chosen text ever reaches a key name."""
-    return f"{_tag(bucket)}:r:{_digest(scope)}"
-
-
-def _digest(scope: str) -> str:
-    if not scope:
-        return _EMPTY_DIGEST
-    return hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()[:32]  # read-only scripts ignore it
+def replay_id(scope: str, parameters: bytes) -> str:
+    """ARGV[2] of a script that keeps a replay record: 'digest:fingerprint',
+    16 hex each. The digest names the request (`scope`: command, target,
+    request id, requester), so no client-chosen text reaches Redis; the
+    fingerprint is of the canonical parameters."""
+    digest = hashlib.blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{digest}:{hashlib.blake2b(parameters, digest_size=8).hexdigest()}"
 
 
 def session_keys(session_id: str) -> list[str]:
-    """KEYS[1..4] of every session-scoped script (the replay key is KEYS[5])."""
+    """KEYS[1..4] of every session-scoped script, with one bucket computation."""
     chash = chash_of_session(session_id)
     tag = _TAGS[int(chash, 16) % NUM_BUCKETS]
     return [f"{tag}:s:{session_id}", f"{tag}:c:{chash}", f"{tag}:exp", f"{tag}:clients"]
-
-
-def session_script_keys(session_id: str, replay_scope: str) -> list[str]:
-    """KEYS[1..6] of a session-scoped script, for the session's client: the
-    four of session_keys, the replay record of `replay_scope` ('' for a
-    request without one) and the client's rate-limit buckets. The same names
-    as the functions above, made with one bucket computation."""
-    chash = chash_of_session(session_id)
-    tag = _TAGS[int(chash, 16) % NUM_BUCKETS]
-    return [
-        f"{tag}:s:{session_id}",
-        f"{tag}:c:{chash}",
-        f"{tag}:exp",
-        f"{tag}:clients",
-        f"{tag}:r:{_digest(replay_scope)}",
-        f"{tag}:rl:{chash}",
-    ]
 
 
 # The scheduler's keys share one hash tag, so a fenced write of its records is

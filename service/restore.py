@@ -10,8 +10,8 @@ signature says (check_session): the known field layout only, timeout, version,
 client_info size, state keys, registry and history counts, the session's
 cost (service/limits.py), every stored JSON value. A line that fails is
 skipped, counted (RestoreResult.invalid) and logged with its session id's
-first characters and the reason, never its data. The size counters (sb, xb,
-cb, sn, rn, en, eo, ob, hb) are recomputed from the fields themselves, so a tampered
+first characters and the reason, never its data. The size counters (layout.META)
+are recomputed from the fields themselves, so a tampered
 counter cannot make a session look smaller or make a script loop over a
 forged history range.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from service import keys, limits, models, scripts
+from service import keys, layout, limits, models, scripts
 from service.backup import BATCH_BYTES, _size
 from service.backup_format import BATCH, BackupInfo, Progress, SessionRecord, max_line_for
 from service.backup_read import read_verified, verify_backup
@@ -36,11 +36,13 @@ from service.store import Call, RedisClient, Store
 
 log = logging.getLogger(__name__)
 
-# The session hash's fixed fields (see service/scripts.py's docstring); the
+# The fixed fields of a backup line (service/backup_format.py): the metadata
+# as c, ca, lm, to, v, a, the content fields, and the counters the previous
+# release stored (sb, xb, cn, rn, en, eo: recomputed, never trusted); the
 # others are s:<key>, o:<id> and e:<n>.
 KNOWN_FIELDS = frozenset(b"c ca lm to v a ci sb xb cn w wv i ih so rn en eo".split())
-# Recomputed, never trusted.
-COUNTERS = (b"sb", b"xb", b"rn", b"en", b"eo", b"cn")
+# The content fields' prefixes (state, registry, history).
+PREFIXES = frozenset(layout.CONTENT_PREFIXES)
 MAX_MS = 2**53  # timestamps, TTLs and counts beyond this are not numbers Redis' Lua keeps
 MAX_OBJECT_ID = 256  # characters (models.ObjectId)
 LOG_ID = 20  # characters of a session id a log line shows
@@ -177,17 +179,16 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
     for value in history.values():
         _json(value, "a history entry")
 
-    counters = {
-        b"sb": state_bytes,
-        b"xb": context_bytes,
-        b"rn": len(registry),
-        b"en": newest,
-        b"eo": oldest,
-        # sn, cb, ob, hb, and lv: counted at this version (scripts.py, "cn")
-        b"cn": f"{len(state)},{len(ci)},{registry_bytes},{history_bytes},{int(meta[b'v'])}",
-    }
-    fields = [(n, v) for n, v in rec.fields if n not in counters]
-    fields += [(n, str(counters[n]).encode()) for n in COUNTERS]
+    template = layout.pack_template(
+        v=int(meta[b"v"]), lm=int(meta[b"lm"]), ca=int(meta[b"ca"]), to=int(meta[b"to"]),
+        a=int(meta[b"a"]), sn=len(state), sb=state_bytes, cb=len(ci), rn=len(registry),
+        ob=registry_bytes, en=newest, eo=oldest, hb=history_bytes,
+        wb=len(meta.get(b"w", b"")), ib=len(meta.get(b"i", b"")), c=client_id,
+    )
+    # The metadata as this release stores it (its first pair: the template
+    # that restore_backup completes with the clock), then the content only.
+    fields = [(layout.META_FIELD, template)]
+    fields += [(n, v) for n, v in rec.fields if n in layout.CONTENT or n[:2] in PREFIXES]
     return replace(rec, fields=fields)
 
 
@@ -259,9 +260,10 @@ def _restore_batch(
     calls = []
     for rec in batch:
         sid = rec.session_id
+        template, content = rec.fields[0][1], rec.fields[1:]
         args: list[str | bytes | int] = ["", "", "", sid, keys.chash_of_session(sid), ""]
-        args += [rec.expires_ms, "1" if force else "0", limits_.max_sessions_per_client]
-        for name, value in rec.fields:
+        args += [rec.expires_ms, "1" if force else "0", limits_.max_sessions_per_client, template]
+        for name, value in content:
             args += [name, value]
         calls.append(Call(scripts.RESTORE_BACKUP, keys.session_keys(sid), args))
     try:

@@ -5,26 +5,33 @@ through KEYS (see service/keys.py); scripts never build key names. JSON stays
 opaque here: values arrive already encoded by Python and are stored as they
 are, so Redis' cjson (which turns [] into {}) never touches client data.
 
+The fields of the session hash and of the client index are described in
+service/layout.py; the shared parts of every script (the clock, the rate
+limit, replay records, the metadata, sliding expiry) are _PRELUDE below,
+so that each script body holds only its own logic.
+
 Session-scoped scripts share one calling convention:
 
-    KEYS[1] session hash        KEYS[2] client index hash
-    KEYS[3] bucket expiry zset  KEYS[4] bucket clients zset
-    KEYS[5] replay record key (unused by read-only scripts)
-    KEYS[6] the client's rate-limit buckets
+    KEYS[1] session hash        KEYS[2] client index hash (also the client's
+    KEYS[3] bucket expiry zset          rate-limit buckets and the replay
+    KEYS[4] bucket clients zset         records of create and close)
     ARGV[1] client id the request names ('' = any)
-    ARGV[2] request fingerprint ('' = no replay protection)
+    ARGV[2] replay record id 'digest:fingerprint' (16 hex each; '' = no
+            replay protection): digest names the request (command, target,
+            request id, requester), the fingerprint its parameters
     ARGV[3] replay window (ms)
     ARGV[4] session id          ARGV[5] client hash
     ARGV[6] rate-limit spec 'rate,burst,create_rate,create_burst,is_create' ('' = off)
     ARGV[7..] script-specific, documented in each header
 
 Rate limiting is the first thing every script does, so it costs no extra
-round trip: a refused request returns {'RATELIMITED', ms until retry}.
+round trip: a refused request returns {'RATELIMITED', ms until retry} and
+writes nothing.
 
 Under maxmemory, Redis refuses a script's first write if that command may
 grow memory, and never checks later ones (so as not to break atomicity).
-Every script that grows memory therefore makes an HSET its first write:
-a full Redis refuses it cleanly, before anything changed.
+Every script that grows memory therefore makes an HSET of the session its
+first write: a full Redis refuses it cleanly, before anything changed.
 
 Every script returns an array whose first element is a status: 'OK', or one
 of 'NOTFOUND', 'CONFLICT' (+ current version), 'TOOLARGE' (over the byte
@@ -32,26 +39,10 @@ cap), 'TOOMANYKEYS' (over the state key cap), 'LIMIT' (+ live count), 'FULL'
 (+ registry size), 'REUSED' (request id reused with other parameters),
 'COLLISION' (a new session id already exists).
 
-Session hash fields: c client id, ca created (ms), lm last modified (ms),
-to timeout (s), v version, a active (1/0), ci client_info JSON, sb state
-bytes, xb context bytes (w, i, registry and history together), s:<key>
-state entries, w workspace_context, wv its variable count, i
-inspector_state, ih its history length, so its selected object, o:<id>
-registry entries, rn registry size (absent: 0), e:<n> evaluation history
-entries, en newest entry number (absent: 0), eo oldest (absent: 1), and cn,
-the counters the previous release did not keep, in one field to spare a
-hash field each: 'sn,cb,ob,hb,lv' (state key count, client_info bytes,
-registry bytes, history bytes, and lv, the version at which a script of
-this release counted them). The fields the previous release reads (sb, xb,
-rn, en, eo) stay as they were, so that its fronts keep working during a
-rolling upgrade. A write recounts every counter from the fields first when
-lv is not the session's version: the session was last written by the
-previous release (load_meta).
-
-Size: a session costs sb + xb + cb + OVERHEAD x (sn + rn + history entries)
-bytes (service/limits.py), keys counted as a reply writes them (klen). A
-write that would make it cost more than the cap
-is refused, unless it costs no more than before (shrinking always works).
+Size: a session costs sb + wb + ib + ob + hb + cb + OVERHEAD x (sn + rn +
+history entries) bytes (service/limits.py), keys counted as a reply writes
+them (klen). A write that would make it cost more than the cap is refused,
+unless it costs no more than before (shrinking always works).
 """
 
 from __future__ import annotations
@@ -59,7 +50,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from service import limits
+from service import layout, limits
 
 
 @dataclass(frozen=True)
@@ -75,52 +66,19 @@ class Script:
 _PRELUDE = r"""
 local sid, chash = ARGV[4], ARGV[5]
 local OVERHEAD = __ENTRY_OVERHEAD__  -- service.limits.ENTRY_OVERHEAD
+local SLACK = __SLACK__              -- service.layout.EXPIRY_SLACK_MS
+local REPLAY_MAX = __REPLAY_MAX__    -- service.layout.REPLAY_MAX
+local INDEX_HEADROOM = __HEADROOM__  -- service.layout.INDEX_HEADROOM_MS
 
--- One clock reading per script call, shared by the rate limiter and the
--- command (one TIME instead of two).
-local clock
-local function now_ms()
-  if not clock then
-    local t = redis.call('TIME')
-    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  return clock
-end
+-- One clock reading per script call.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Numbers handed to redis.call or stored in records go through here: Lua's
--- default number formatting (%.14g) would round large integers.
+-- Numbers handed to redis.call or stored go through here: Lua's default
+-- number formatting (%.14g) would round large integers.
 local function str(x)
   if type(x) == 'number' then return string.format('%d', x) end
   return x
-end
-
-local function split0(rec)
-  local out, pos = {}, 1
-  while true do
-    local s = string.find(rec, '\0', pos, true)
-    if not s then out[#out + 1] = string.sub(rec, pos); return out end
-    out[#out + 1] = string.sub(rec, pos, s - 1)
-    pos = s + 1
-  end
-end
-
--- nil for a new request; else the reply that the first execution sent.
-local function replay_lookup()
-  if ARGV[2] == '' then return nil end
-  local rec = redis.call('GET', KEYS[5])
-  if not rec then return nil end
-  local parts = split0(rec)
-  if parts[1] ~= ARGV[2] then return {'REUSED'} end
-  parts[1] = 'OK'
-  return parts
-end
-
--- Keep reply[2..n] for the replay window: a small record, never a state copy.
-local function replay_save(reply, n)
-  if ARGV[2] == '' then return end
-  local parts = {ARGV[2]}
-  for i = 2, n do parts[#parts + 1] = str(reply[i]) end
-  redis.call('SET', KEYS[5], table.concat(parts, '\0'), 'PX', ARGV[3])
 end
 
 -- A key's bytes as a reply writes it (service.limits.key_weight): JSON
@@ -132,6 +90,13 @@ local function klen(k)
   return #k + 5 * ctrl + esc
 end
 
+-- unpack() has a stack limit: send long argument lists in chunks.
+local function chunked(cmd, key, items)
+  for s = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
+  end
+end
+
 -- Field names of the session hash that start with prefix.
 local function prefixed(prefix)
   local out, n = {}, #prefix
@@ -141,11 +106,168 @@ local function prefixed(prefix)
   return out
 end
 
--- The counters from the fields themselves, for a session that a script of
--- this release did not write last: one of an earlier release (which keeps
--- sb and xb only, or fewer), during a rolling upgrade or after it.
-local function recount(m)
-  m.sb, m.sn, m.ob, m.rn, m.hb = 0, 0, 0, 0, 0
+-- The leading number of an index entry: the session's exact expiry.
+local function entry_expiry(packed)
+  return tonumber(string.match(packed, '^(%d+)'))
+end
+
+-- The client index: its private fields are read once (index_read) and
+-- every write to it is gathered (idx_set, idx_need) into one HSET at the
+-- end (idx_flush), with a PEXPIREAT only when the key must live longer.
+local idx_sets, idx_until = {}, 0
+local function idx_set(f, v) idx_sets[#idx_sets + 1] = f; idx_sets[#idx_sets + 1] = str(v) end
+local function idx_need(exp) if exp > idx_until then idx_until = exp end end
+
+local function index_read(...)
+  local names = {'!r', '!x', '!c', ...}
+  local got = redis.call('HMGET', KEYS[2], unpack(names))
+  local idx = {}
+  for i = 1, #names do idx[names[i]] = got[i] end
+  return idx
+end
+
+local function idx_flush(idx)
+  local kx = tonumber(idx['!x'])
+  if not kx then
+    -- A new index, or one the previous release wrote: its TTL, once.
+    local ttl = redis.call('PTTL', KEYS[2])
+    kx = 0
+    if ttl > 0 then kx = now + ttl; idx_set('!x', kx) end
+    -- Never an index without a TTL, whatever this call writes to it.
+    if kx == 0 then idx_need(now + INDEX_HEADROOM) end
+  end
+  -- Extended with headroom, so that its PEXPIREAT is rare: an index that
+  -- outlives its sessions holds only dead entries (pruned by the next
+  -- create, or housekeeping) until then.
+  if idx_until > kx then idx_until = idx_until + INDEX_HEADROOM; idx_set('!x', idx_until) end
+  if #idx_sets > 0 then chunked('HSET', KEYS[2], idx_sets) end
+  if idx_until > kx then redis.call('PEXPIREAT', KEYS[2], str(idx_until)) end
+end
+
+-- Token buckets in the index's '!r': g (every command) and c (create_session
+-- too). Returns nil when the request may go on (its tokens are taken at
+-- idx_flush), else {'RATELIMITED', ms until a token is back}.
+local function rate_take(bucket, spec)
+  if spec == '' then return nil end
+  local rate, burst, crate, cburst, create =
+    string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
+  rate, burst, crate, cburst = tonumber(rate), tonumber(burst), tonumber(crate), tonumber(cburst)
+  local g, gt, c, ct = '', '', '', ''
+  if bucket then g, gt, c, ct = string.match(bucket, '^([^,]*),([^,]*),([^,]*),([^,]*)$') end
+  local function level(tokens, at, r, cap)
+    if tokens == '' or not tokens then return cap end
+    return math.min(cap, tonumber(tokens) + (now - tonumber(at)) * r / 1000)
+  end
+  local wait = 0
+  local ttl = 0
+  if rate > 0 then
+    ttl = math.ceil(burst * 1000 / rate)
+    local level_g = level(g, gt, rate, burst)
+    if level_g < 1 then wait = math.ceil((1 - level_g) * 1000 / rate) end
+    g, gt = string.format('%.4f', level_g - 1), str(now)
+  end
+  if create == '1' and crate > 0 then
+    ttl = math.max(ttl, math.ceil(cburst * 1000 / crate))
+    local level_c = level(c, ct, crate, cburst)
+    if level_c < 1 then wait = math.max(wait, math.ceil((1 - level_c) * 1000 / crate)) end
+    c, ct = string.format('%.4f', level_c - 1), str(now)
+  end
+  if wait > 0 then return {'RATELIMITED', wait} end
+  idx_set('!r', table.concat({g, gt, c, ct}, ','))
+  -- The buckets must outlive their refill, whatever the sessions do.
+  idx_need(now + ttl + 1000)
+  return nil
+end
+
+-- Replay records: 'digest:fingerprint:at:part2,part3,...', the reply's
+-- parts after its status, valid until at + the window. A session keeps
+-- those of its mutating requests in its field q (';'-separated, newest
+-- first, REPLAY_MAX at most); create and close keep theirs in the index.
+local function replay_parse(rec, fp)
+  local got, at, parts = string.match(rec, '^(%x+):(%d+):(.*)$')
+  if not got or tonumber(at) + tonumber(ARGV[3]) <= now then return nil end
+  if got ~= fp then return {'REUSED'} end
+  local out = {'OK'}
+  for p in string.gmatch(parts, '[^,]+') do out[#out + 1] = p end
+  return out
+end
+
+local function replay_lookup(q)
+  if ARGV[2] == '' or not q then return nil end
+  local digest = string.sub(ARGV[2], 1, 17)  -- 'digest:'
+  local s = string.find(q, digest, 1, true)
+  while s and s > 1 and string.sub(q, s - 1, s - 1) ~= ';' do
+    s = string.find(q, digest, s + 1, true)
+  end
+  if not s then return nil end
+  local e = string.find(q, ';', s, true)
+  return replay_parse(string.sub(q, s + 17, (e or 0) - 1), string.sub(ARGV[2], 18))
+end
+
+local function replay_parts(reply, n)
+  local parts = {}
+  for i = 2, n do parts[#parts + 1] = str(reply[i]) end
+  return table.concat(parts, ',')
+end
+
+-- q with this request's record in front and the expired ones dropped.
+local function replay_add(q, reply, n)
+  local out = {ARGV[2] .. ':' .. str(now) .. ':' .. replay_parts(reply, n)}
+  if q then
+    local window = tonumber(ARGV[3])
+    for rec in string.gmatch(q, '[^;]+') do
+      if #out >= REPLAY_MAX then break end
+      local at = tonumber(string.match(rec, '^%x+:%x+:(%d+):'))
+      if at and at + window > now then out[#out + 1] = rec end
+    end
+  end
+  return table.concat(out, ';')
+end
+
+-- The index-held record of a create or close: field '!q<digest>'.
+local function index_replay_field()
+  if ARGV[2] == '' then return nil end
+  return '!q' .. string.sub(ARGV[2], 1, 16)
+end
+
+local function index_replay_save(f, reply, n)
+  idx_set(f, string.sub(ARGV[2], 18) .. ':' .. str(now) .. ':' .. replay_parts(reply, n))
+  idx_need(now + tonumber(ARGV[3]))
+end
+
+-- The metadata (layout.META, then the client id), packed in the field m.
+local META = {'xe', 'ke', 'v', 'lm', 'ca', 'to', 'a', 'sn', 'sb', 'sd', 'cb', 'rn', 'ob', 'en',
+  'eo', 'hb', 'wb', 'ib'}
+
+local function unpack_meta(packed)
+  local m, i = {}, 1
+  for x in string.gmatch(packed, '(%d+),') do
+    m[META[i]] = tonumber(x)
+    i = i + 1
+    if i > #META then break end
+  end
+  m.c = string.match(packed, '([^,]*)$')
+  return m
+end
+
+local function pack_meta(m)
+  local out = {}
+  for i = 1, #META do out[i] = str(m[META[i]]) end
+  out[#META + 1] = m.c
+  return table.concat(out, ',')
+end
+
+-- A session the previous release wrote (separate metadata fields): its
+-- counters from the fields themselves. Its next write stores it in this
+-- release's layout (session_write).
+local LEGACY = {'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb', 'rn', 'en', 'eo', 'cn'}
+
+local function legacy_meta()
+  local o = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'en', 'eo')
+  if not o[1] then return nil end
+  local m = {c = o[1], ca = tonumber(o[2]), lm = tonumber(o[3]), to = tonumber(o[4]),
+    v = tonumber(o[5]), a = tonumber(o[6]), en = tonumber(o[7]) or 0, eo = tonumber(o[8]) or 1,
+    sn = 0, sb = 0, sd = 0, rn = 0, ob = 0, hb = 0, legacy = true}
   for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
     local p = string.sub(f, 1, 2)
     if p == 's:' then
@@ -158,35 +280,34 @@ local function recount(m)
   end
   for n = m.eo, m.en do m.hb = m.hb + redis.call('HSTRLEN', KEYS[1], 'e:' .. str(n)) end
   m.cb = redis.call('HSTRLEN', KEYS[1], 'ci')
-  m.xb = redis.call('HSTRLEN', KEYS[1], 'w') + redis.call('HSTRLEN', KEYS[1], 'i') + m.ob + m.hb
-  m.recounted = true
+  m.wb = redis.call('HSTRLEN', KEYS[1], 'w')
+  m.ib = redis.call('HSTRLEN', KEYS[1], 'i')
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then ttl = m.to * 1000 end
+  m.xe, m.ke = now + ttl, now + ttl
+  return m
 end
 
--- The session's metadata, or nil when it is gone or another client's.
--- counted: a write that checks or keeps the size counters; they are
--- recounted first when a script of this release did not write them last
--- (lv, the version they were written at, is not the session's version).
-local function load_meta(counted)
-  local m = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb',
-    'rn', 'en', 'eo', 'cn')
-  if not m[1] then return nil end
-  if ARGV[1] ~= '' and m[1] ~= ARGV[1] then return nil end
-  local meta = {c = m[1], ca = tonumber(m[2]), lm = tonumber(m[3]), to = tonumber(m[4]),
-    v = tonumber(m[5]), a = tonumber(m[6]), sb = tonumber(m[7]) or 0, xb = tonumber(m[8]) or 0,
-    rn = tonumber(m[9]) or 0, en = tonumber(m[10]) or 0, eo = tonumber(m[11]) or 1,
-    sn = 0, cb = 0, ob = 0, hb = 0}
-  local lv
-  if m[12] then
-    local sn, cb, ob, hb, at = string.match(m[12], '^(%d+),(%d+),(%d+),(%d+),(%d+)$')
-    meta.sn, meta.cb, meta.ob, meta.hb = tonumber(sn), tonumber(cb), tonumber(ob), tonumber(hb)
-    lv = tonumber(at)
+-- The session's metadata, or nil when it is gone (its exact expiry passed)
+-- or another client's. m.q is its replay records; m.extra the values of
+-- the other fields asked for, in order.
+local function load_meta(...)
+  local got = redis.call('HMGET', KEYS[1], 'm', 'q', ...)
+  local m
+  if got[1] then m = unpack_meta(got[1]) else m = legacy_meta() end
+  if not m then return nil end
+  if (ARGV[1] ~= '' and m.c ~= ARGV[1]) or m.xe <= now then return nil end
+  m.q = got[2] or nil
+  m.extra = {}
+  for i = 3, select('#', ...) + 2 do m.extra[#m.extra + 1] = got[i] end
+  if m.legacy then
+    for i = 1, select('#', ...) do m.extra[i] = redis.call('HGET', KEYS[1], (select(i, ...))) end
   end
-  if counted and lv ~= meta.v then recount(meta) end
-  return meta
+  return m
 end
 
 local function cost(m)
-  return m.sb + m.xb + m.cb + OVERHEAD * (m.sn + m.rn + m.en - m.eo + 1)
+  return m.sb + m.wb + m.ib + m.ob + m.hb + m.cb + OVERHEAD * (m.sn + m.rn + m.en - m.eo + 1)
 end
 
 -- True when the write that turned `before` (a cost) into m may not go ahead.
@@ -195,121 +316,93 @@ local function too_large(m, before, cap)
   return after > tonumber(cap) and after > before
 end
 
-local function entry_expiry(packed)
-  return tonumber(string.match(packed, '^(%d+)'))
+-- Sliding expiry, first half: the exact expiry moves to now + timeout. The
+-- key's own TTL moves only when that passes it (to xe + the slack): a key may
+-- outlive its session by up to SLACK, invisibly (load_meta goes by xe).
+-- Returns the key's new expiry when it must move (index_write does it).
+local function refresh(m)
+  m.xe = now + m.to * 1000
+  if m.ke >= m.xe then return nil end
+  -- A twentieth of the timeout at most: a short session's key goes soon.
+  m.ke = m.xe + math.min(SLACK, m.to * 50)
+  return m.ke
 end
 
-local function index_put(m, exp, now)
-  redis.call('HSET', KEYS[2], sid, table.concat(
-    {str(exp), str(m.ca), str(m.lm), str(m.to), str(m.v), str(m.a)}, '|'))
-  local ttl = redis.call('PTTL', KEYS[2])
-  if ttl < 0 or now + ttl < exp then redis.call('PEXPIREAT', KEYS[2], str(exp)) end
+-- HSET in chunks; the number of fields it created.
+local function hset_count(key, items)
+  local created = 0
+  for s = 1, #items, 1000 do
+    created = created + redis.call('HSET', key, unpack(items, s, math.min(s + 999, #items)))
+  end
+  return created
 end
 
--- Sliding expiry: the session and every index entry move to now + timeout.
-local function touch(m, now)
-  local exp = now + m.to * 1000
-  redis.call('PEXPIREAT', KEYS[1], str(exp))
-  redis.call('ZADD', KEYS[3], str(exp), sid)
-  redis.call('ZADD', KEYS[4], 'GT', str(exp), chash)
-  index_put(m, exp, now)
-  return exp
+-- The session's writes, in one HSET (its first write: refused cleanly by a
+-- full Redis): m, and the field, value pairs of sets. Returns how many of
+-- the fields in sets it created.
+local function session_write(m, sets)
+  local all = {'m', pack_meta(m)}
+  for i = 1, #sets do all[#all + 1] = sets[i] end
+  local created = hset_count(KEYS[1], all)
+  if m.legacy then
+    redis.call('HDEL', KEYS[1], unpack(LEGACY))
+    created = created - 1  -- m itself
+  end
+  return created
 end
 
-local COUNTERS = {'sb', 'xb', 'rn', 'en', 'eo'}
+local function index_entry(m)
+  return table.concat({str(m.xe), str(m.ke - m.xe), str(m.ca), str(m.lm - m.ca), str(m.to),
+    str(m.v), str(m.a)}, '|')
+end
 
--- The version, the time, cn (sn, cb, ob, hb and lv, the version they are
--- counted at, in one field) and the other counters the write changed
--- (every one after a recount).
-local function save_meta(m, ...)
-  local sets = {'v', str(m.v), 'lm', str(m.lm),
-    'cn', table.concat({str(m.sn), str(m.cb), str(m.ob), str(m.hb), str(m.v)}, ',')}
-  local changed = m.recounted and COUNTERS or {...}
-  for _, f in ipairs(changed) do sets[#sets + 1] = f; sets[#sets + 1] = str(m[f]) end
-  redis.call('HSET', KEYS[1], unpack(sets))
+-- Sliding expiry, second half (after session_write): the index scores are
+-- exact (statistics count by them), the key's TTL moves when refresh said.
+local function index_write(m, moved, idx)
+  if moved then redis.call('PEXPIREAT', KEYS[1], str(moved)) end
+  redis.call('ZADD', KEYS[3], str(m.xe), sid)
+  if m.xe > (tonumber(idx['!c']) or 0) then
+    redis.call('ZADD', KEYS[4], 'GT', str(m.xe), chash)
+    idx_set('!c', m.xe)
+  end
+  idx_set(sid, index_entry(m))
+  idx_need(m.ke)
 end
 
 -- After a session is gone: prune dead index entries and recompute the
 -- client's latest expiry, which decides whether it counts as active.
-local function client_refresh(now)
+-- `skip`: a session id to leave out (the one just deleted).
+local function client_refresh(skip)
   local entries = redis.call('HGETALL', KEYS[2])
-  local latest, live = 0, 0
+  local latest, live, dead = 0, 0, {}
   for i = 1, #entries, 2 do
-    local exp = entry_expiry(entries[i + 1])
-    if exp <= now then
-      redis.call('HDEL', KEYS[2], entries[i])
-    else
-      live = live + 1
-      if exp > latest then latest = exp end
+    local f = entries[i]
+    if string.byte(f, 1) ~= 33 then  -- '!': not a session
+      local exp = entry_expiry(entries[i + 1])
+      if f == skip or exp <= now then
+        dead[#dead + 1] = f
+      else
+        live = live + 1
+        if exp > latest then latest = exp end
+      end
     end
   end
+  chunked('HDEL', KEYS[2], dead)
   if latest > 0 then redis.call('ZADD', KEYS[4], str(latest), chash)
   else redis.call('ZREM', KEYS[4], chash) end
+  idx_set('!c', latest)
   return live
-end
-
--- unpack() has a stack limit: send long argument lists in chunks.
-local function chunked(cmd, key, items)
-  for s = 1, #items, 1000 do
-    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
-  end
-end
-
-local function append_fields(reply, want)
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    if want(all[i]) then reply[#reply + 1] = all[i]; reply[#reply + 1] = all[i + 1] end
-  end
-  return reply
-end
-
-local function is_state(f) return string.sub(f, 1, 2) == 's:' end
-
--- Token buckets in one hash: g (every command) and c (create_session too).
--- Returns nil when the request may go on (and takes its tokens), else
--- {'RATELIMITED', ms until a token is back}. A refused request takes nothing.
-local function rate_take(key, spec)
-  if spec == '' then return nil end
-  local rate, burst, crate, cburst, create =
-    string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
-  rate, burst, crate, cburst = tonumber(rate), tonumber(burst), tonumber(crate), tonumber(cburst)
-  local now = now_ms()
-  local b = redis.call('HMGET', key, 'g', 'gt', 'c', 'ct')
-  local function level(tokens, at, r, cap)
-    if not tokens then return cap end
-    return math.min(cap, tonumber(tokens) + (now - tonumber(at)) * r / 1000)
-  end
-  -- The key may go only once both buckets are full again, whichever one
-  -- this request used: an earlier expiry would hand back spent tokens.
-  local ttl = 0
-  if rate > 0 then ttl = math.ceil(burst * 1000 / rate) end
-  if crate > 0 then ttl = math.max(ttl, math.ceil(cburst * 1000 / crate)) end
-  local wait, sets = 0, {}
-  if rate > 0 then
-    local g = level(b[1], b[2], rate, burst)
-    if g < 1 then wait = math.ceil((1 - g) * 1000 / rate) end
-    sets[#sets + 1] = 'g'; sets[#sets + 1] = string.format('%.4f', g - 1)
-    sets[#sets + 1] = 'gt'; sets[#sets + 1] = str(now)
-  end
-  if create == '1' and crate > 0 then
-    local c = level(b[3], b[4], crate, cburst)
-    if c < 1 then wait = math.max(wait, math.ceil((1 - c) * 1000 / crate)) end
-    sets[#sets + 1] = 'c'; sets[#sets + 1] = string.format('%.4f', c - 1)
-    sets[#sets + 1] = 'ct'; sets[#sets + 1] = str(now)
-  end
-  if wait > 0 then return {'RATELIMITED', wait} end
-  if #sets > 0 then
-    redis.call('HSET', key, unpack(sets))
-    -- A full bucket is the same as no bucket: let the key go once it refills.
-    redis.call('PEXPIRE', key, str(ttl + 1000))
-  end
-  return nil
 end
 """
 
 
 def _script(name: str, body: str) -> Script:
-    prelude = _PRELUDE.replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
+    prelude = (
+        _PRELUDE.replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
+        .replace("__SLACK__", str(layout.EXPIRY_SLACK_MS))
+        .replace("__REPLAY_MAX__", str(layout.REPLAY_MAX))
+        .replace("__HEADROOM__", str(layout.INDEX_HEADROOM_MS))
+    )
     return Script(name, prelude + body)
 
 
@@ -322,32 +415,44 @@ CREATE = _script(
 --   JSON or '', ARGV[9] max live sessions per client.
 -- Returns {'OK', session_id, created_ms, expires_ms} | {'LIMIT', live} | {'REUSED'}
 --   | {'COLLISION'}.
-local limited = rate_take(KEYS[6], ARGV[6])
-if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local now = now_ms()
+local qf = index_replay_field()
 local entries = redis.call('HGETALL', KEYS[2])
-local live, dead = 0, {}
+local idx, live, dead = {}, 0, {}
+local window = tonumber(ARGV[3])
 for i = 1, #entries, 2 do
-  if entry_expiry(entries[i + 1]) <= now then dead[#dead + 1] = entries[i]
+  local f, v = entries[i], entries[i + 1]
+  if string.byte(f, 1) == 33 then  -- '!': the index's own fields
+    idx[f] = v
+    if string.sub(f, 1, 2) == '!q' and f ~= qf then
+      local at = tonumber(string.match(v, '^%x*:(%d+):'))
+      if not at or at + window <= now then dead[#dead + 1] = f end
+    end
+  elseif entry_expiry(v) <= now then dead[#dead + 1] = f
   else live = live + 1 end
+end
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local to = tonumber(ARGV[7])
+if qf and idx[qf] then
+  local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
+  if r and r[1] == 'REUSED' then return r end
+  -- The record keeps the id's random part and the time; the rest follows.
+  if r then return {'OK', chash .. '.' .. r[2], tonumber(r[3]), tonumber(r[3]) + to * 1000} end
 end
 if live >= tonumber(ARGV[9]) then return {'LIMIT', live} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
-local m = {c = ARGV[1], ca = now, lm = now, to = tonumber(ARGV[7]), v = 1, a = 1, sb = 0, xb = 0}
--- First write: refused cleanly by a full Redis (see the module docstring).
-redis.call('HSET', KEYS[1], 'c', m.c, 'ca', str(now), 'lm', str(now), 'to', str(m.to),
-  'v', '1', 'a', '1', 'sb', '0', 'xb', '0', 'cn', '0,' .. str(#ARGV[8]) .. ',0,0,1')
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'ci', ARGV[8]) end
+local m = {c = ARGV[1], ca = now, lm = now, to = to, v = 1, a = 1, sn = 0, sb = 0, sd = 0,
+  cb = #ARGV[8], rn = 0, ob = 0, en = 0, eo = 1, hb = 0, wb = 0, ib = 0, ke = 0}
+local moved = refresh(m)
+if ARGV[8] ~= '' then session_write(m, {'ci', ARGV[8]}) else session_write(m, {}) end
 chunked('HDEL', KEYS[2], dead)
 -- Amortised pruning of the bucket indexes; counting never depends on it.
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
-local exp = touch(m, now)
-local reply = {'OK', sid, now, exp}
-replay_save(reply, 4)
-return reply
+index_write(m, moved, idx)
+if qf then index_replay_save(qf, {'OK', string.sub(sid, 18), now}, 3) end
+idx_flush(idx)
+return {'OK', sid, now, m.xe}
 """,
 )
 
@@ -356,18 +461,24 @@ RESTORE = _script(
     r"""
 -- restore_session: reactivate, refresh, return everything.
 -- ARGV: common only.
--- Returns {'OK', now_ms, expires_ms, field1, value1, ...} (the whole hash) | {'NOTFOUND'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+-- Returns {'OK', now_ms, m, field1, value1, ...} (the content fields: every
+--   field but m and q) | {'NOTFOUND'}.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local now = now_ms()
 m.a = 1
-redis.call('HSET', KEYS[1], 'a', '1')
-local exp = touch(m, now)
-local reply = {'OK', now, exp}
+local moved = refresh(m)
+session_write(m, {})
+index_write(m, moved, idx)
+idx_flush(idx)
+local reply = {'OK', now, pack_meta(m)}
 local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all do reply[#reply + 1] = all[i] end
+for i = 1, #all, 2 do
+  local f = all[i]
+  if f ~= 'm' and f ~= 'q' then reply[#reply + 1] = f; reply[#reply + 1] = all[i + 1] end
+end
 return reply
 """,
 )
@@ -383,8 +494,6 @@ UPDATE = _script(
 --   | {'CONFLICT', version} | {'TOOLARGE'} | {'TOOMANYKEYS'} | {'REUSED'}.
 --   The fields are the state keys the update did not name (none after a
 --   replace): the caller has the others, so they are not read back.
-local limited = rate_take(KEYS[6], ARGV[6])
-if limited then return limited end
 local replace = ARGV[8] == '1'
 local function untouched(reply, sn)
   if replace then return reply end
@@ -408,40 +517,111 @@ local function untouched(reply, sn)
   end
   return reply
 end
-local r = replay_lookup()
-if r then return untouched(r) end
-local m = load_meta(true)
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then
+  if r[1] == 'REUSED' then return r end
+  return untouched(r)
+end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local before, keys_before = cost(m), m.sn
-local old = {}
-if replace then
-  m.sb, m.sn = 0, 0
-  old = prefixed('s:')
-end
-for i = 11, #ARGV, 2 do
-  if not replace then
-    local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
-    if n > 0 then m.sb, m.sn = math.max(0, m.sb - klen(ARGV[i]) - n), m.sn - 1 end
-  end
-  if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + klen(ARGV[i]) + #ARGV[i + 1], m.sn + 1 end
-end
-if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} end
-if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
-local now = now_ms()
-m.v, m.lm = m.v + 1, now
-save_meta(m, 'sb')  -- first write: refused cleanly by a full Redis
-chunked('HDEL', KEYS[1], old)
-local sets, dels = {}, {}
+local sets, dels, nset, add = {}, {}, 0, 0
 for i = 11, #ARGV, 2 do
   if ARGV[i + 1] == '' then dels[#dels + 1] = 's:' .. ARGV[i]
-  else sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1] end
+  else
+    sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1]
+    nset, add = nset + 1, add + klen(ARGV[i]) + #ARGV[i + 1]
+  end
+end
+-- sn is exact; sb is an upper bound: a merge adds the new values' bytes
+-- without reading the old ones' lengths, and sd says how many bytes of sb
+-- were added so (0: sb is exact). The bound decides first; only a write it
+-- would refuse reads the named keys' lengths, and only one still refused
+-- then counts the whole state (at most max_state_keys HSTRLEN; a refused
+-- write changes nothing, so a refusal repeats that count until a write
+-- that passes stores the exact sb).
+local old, exact = {}, replace
+local maxkeys = tonumber(ARGV[10])
+if replace then
+  old = prefixed('s:')
+  m.sb, m.sn, m.sd = add, nset, 0
+else
+  local sb, sn = m.sb, m.sn
+  m.sb, m.sn = sb + add, sn + nset
+  if m.sn > maxkeys or too_large(m, before, ARGV[9]) then
+    exact = true
+    local function named_delta(base)
+      m.sb, m.sn = base, sn
+      for i = 11, #ARGV, 2 do
+        local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
+        if n > 0 then m.sb, m.sn = m.sb - klen(ARGV[i]) - n, m.sn - 1 end
+        if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + klen(ARGV[i]) + #ARGV[i + 1], m.sn + 1 end
+      end
+    end
+    named_delta(sb)
+    local refused = (m.sn > maxkeys and m.sn > sn) or too_large(m, before, ARGV[9])
+    if refused and m.sd > 0 then
+      local counted = 0
+      for _, f in ipairs(prefixed('s:')) do
+        counted = counted + klen(string.sub(f, 3)) + redis.call('HSTRLEN', KEYS[1], f)
+      end
+      m.sb, m.sd = counted, 0
+      before = cost(m)
+      named_delta(counted)
+      refused = (m.sn > maxkeys and m.sn > sn) or too_large(m, before, ARGV[9])
+    end
+    if refused then
+      if m.sn > maxkeys and m.sn > sn then return {'TOOMANYKEYS'} end
+      return {'TOOLARGE'}
+    end
+  else
+    -- Written as if every key named was there already; corrected below
+    -- (one more HSET) when the write says otherwise.
+    m.sn = math.max(0, sn - #dels)
+    m.sd = m.sd + add
+  end
+  keys_before = sn
+end
+if replace then
+  if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} end
+  if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
+end
+m.v, m.lm = m.v + 1, now
+local moved = refresh(m)
+local reply = {'OK', m.v, now}
+local q_new = false
+if ARGV[2] ~= '' then
+  sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 3)
+  q_new = m.q == nil
+end
+if replace then
+  -- The old keys go first, the new ones after: a key in both stays.
+  session_write(m, {})
+  chunked('HDEL', KEYS[1], old)
+  hset_count(KEYS[1], sets)
+else
+  local created = session_write(m, sets)
+  if q_new then created = created - 1 end
+  local removed = 0
+  for s = 1, #dels, 1000 do
+    removed = removed + redis.call('HDEL', KEYS[1], unpack(dels, s, math.min(s + 999, #dels)))
+  end
+  if not exact then
+    local actual = keys_before + created - removed
+    if actual ~= m.sn then
+      m.sn = actual
+      redis.call('HSET', KEYS[1], 'm', pack_meta(m))
+    end
+  end
+  dels = {}
 end
 chunked('HDEL', KEYS[1], dels)
-chunked('HSET', KEYS[1], sets)
-touch(m, now)
-local reply = {'OK', m.v, now}
-replay_save(reply, 3)
+index_write(m, moved, idx)
+idx_flush(idx)
 return untouched(reply, m.sn)
 """,
 )
@@ -452,27 +632,32 @@ CLOSE = _script(
 -- close_session.
 -- ARGV[7] '1' to keep the session (inactive, restorable) until it expires.
 -- Returns {'OK', state_saved (1/0)} | {'NOTFOUND'} | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+-- The replay record lives in the index: a retried close that deleted the
+-- session is still answered.
+local qf = index_replay_field()
+local idx = index_read(qf)
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
+if qf and idx[qf] then
+  local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
+  if r then return r end
+end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-local now = now_ms()
 local saved = 0
 if ARGV[7] == '1' then
   m.a = 0
-  redis.call('HSET', KEYS[1], 'a', '0')
-  index_put(m, now + redis.call('PTTL', KEYS[1]), now)
+  session_write(m, {})
+  idx_set(sid, index_entry(m))
   saved = 1
 else
   redis.call('DEL', KEYS[1])
-  redis.call('HDEL', KEYS[2], sid)
   redis.call('ZREM', KEYS[3], sid)
-  client_refresh(now)
+  client_refresh(sid)
 end
 local reply = {'OK', saved}
-replay_save(reply, 2)
+if qf then index_replay_save(qf, reply, 2) end
+idx_flush(idx)
 return reply
 """,
 )
@@ -482,15 +667,14 @@ INFO = _script(
     r"""
 -- get_session_info (no refresh).
 -- ARGV: common only.
--- Returns {'OK', client_id, created_ms, modified_ms, timeout, version, active,
---   expires_ms, now_ms, client_info JSON | false} | {'NOTFOUND'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+-- Returns {'OK', now_ms, m, client_info JSON | false} | {'NOTFOUND'}.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('ci')
 if not m then return {'NOTFOUND'} end
-local now = now_ms()
-return {'OK', m.c, m.ca, m.lm, m.to, m.v, m.a, now + redis.call('PTTL', KEYS[1]), now,
-  redis.call('HGET', KEYS[1], 'ci')}
+idx_flush(idx)
+return {'OK', now, pack_meta(m), m.extra[1] or false}
 """,
 )
 
@@ -498,19 +682,22 @@ LIST = _script(
     "list",
     r"""
 -- list_client_sessions (no refresh).
--- KEYS[1] client index hash, KEYS[2] the client's rate-limit buckets.
--- ARGV[1] rate-limit spec ('' = off).
--- Returns {'OK', now_ms, session_id, 'expires|created|modified|timeout|version|active', ...}
+-- KEYS[1], KEYS[2]: the client index hash (twice: the prelude's convention).
+-- ARGV[5] client hash, ARGV[6] rate-limit spec ('' = off), the others ''.
+-- Returns {'OK', now_ms, session_id, entry (layout.IndexEntry), ...}
 --   | {'RATELIMITED', ms}.
-local limited = rate_take(KEYS[2], ARGV[1])
-if limited then return limited end
-local now = now_ms()
-local out = {'OK', now}
-local entries = redis.call('HGETALL', KEYS[1])
+local entries = redis.call('HGETALL', KEYS[2])
+local idx, out, dead = {}, {'OK', now}, {}
 for i = 1, #entries, 2 do
-  if entry_expiry(entries[i + 1]) <= now then redis.call('HDEL', KEYS[1], entries[i])
-  else out[#out + 1] = entries[i]; out[#out + 1] = entries[i + 1] end
+  local f = entries[i]
+  if string.byte(f, 1) == 33 then idx[f] = entries[i + 1]
+  elseif entry_expiry(entries[i + 1]) <= now then dead[#dead + 1] = f
+  else out[#out + 1] = f; out[#out + 1] = entries[i + 1] end
 end
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+chunked('HDEL', KEYS[2], dead)
+if #idx_sets > 0 then idx_flush(idx) end
 return out
 """,
 )
@@ -520,16 +707,22 @@ RATE = _script(
     r"""
 -- The rate limit alone, for commands that otherwise never reach Redis
 -- (ping, describe) or read only bucket indexes (statistics) but name a client.
--- KEYS[1] the client's rate-limit buckets. ARGV[1] rate-limit spec.
+-- KEYS[1], KEYS[2]: the client's index hash (twice: the prelude's convention).
+-- ARGV[5] client hash, ARGV[6] rate-limit spec, the others ''.
 -- Returns {'OK'} | {'RATELIMITED', ms}.
-return rate_take(KEYS[1], ARGV[1]) or {'OK'}
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+idx_flush(idx)
+return {'OK'}
 """,
 )
 
 STATS = Script(
     "stats",
     r"""
--- get_session_statistics, one bucket: exact live counts, O(log n), no SCAN.
+-- get_session_statistics, one bucket: exact live counts, O(log n), no SCAN
+-- (the zsets are scored by each session's exact expiry, xe).
 -- KEYS[1] bucket expiry zset, KEYS[2] bucket clients zset. ARGV: none.
 -- Returns {live_sessions, active_clients}.
 local t = redis.call('TIME')
@@ -551,18 +744,18 @@ SAVE_CONTEXT = _script(
 --   then H (history entry count, -1 untouched) and H entry JSONs, oldest first.
 -- Returns {'OK', version, last_modified_ms, context_bytes} | {'NOTFOUND'}
 --   | {'CONFLICT', version} | {'TOOLARGE'} | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local m = load_meta(true)
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local before = cost(m)
-local xb = m.xb
 local w, ins = ARGV[9], ARGV[11]
-if w ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'w') + #w end
-if ins ~= '-' then xb = xb - redis.call('HSTRLEN', KEYS[1], 'i') + #ins end
+if w ~= '-' then m.wb = #w end
+if ins ~= '-' then m.ib = #ins end
 local pos = 14
 local nreg = tonumber(ARGV[pos])
 local reg_at = pos + 1
@@ -571,7 +764,7 @@ if nreg >= 0 then
   old_reg = prefixed('o:')
   local ob = 0
   for k = 0, nreg - 1 do ob = ob + klen(ARGV[reg_at + 2 * k]) + #ARGV[reg_at + 2 * k + 1] end
-  xb, m.ob = xb - m.ob + ob, ob
+  m.ob, m.rn = ob, nreg
   pos = reg_at + 2 * nreg
 else
   pos = reg_at
@@ -582,40 +775,46 @@ if nhist >= 0 then
   for n = m.eo, m.en do old_hist[#old_hist + 1] = 'e:' .. str(n) end
   local hb = 0
   for k = 0, nhist - 1 do hb = hb + #ARGV[hist_at + k] end
-  xb, m.hb = xb - m.hb + hb, hb
+  m.hb = hb
+  m.eo = m.en + 1
+  m.en = m.en + nhist
 end
-m.xb = xb
-if nreg >= 0 then m.rn = nreg end
-if nhist >= 0 then m.eo = m.en + 1; m.en = m.en + nhist end
 if too_large(m, before, ARGV[8]) then return {'TOOLARGE'} end
-local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'rn', 'en', 'eo')  -- first write: refused cleanly by a full Redis
-if w == '' then redis.call('HDEL', KEYS[1], 'w', 'wv')
-elseif w ~= '-' then redis.call('HSET', KEYS[1], 'w', w, 'wv', ARGV[10]) end
-if ins == '' then redis.call('HDEL', KEYS[1], 'i', 'ih', 'so')
-elseif ins ~= '-' then redis.call('HSET', KEYS[1], 'i', ins, 'ih', ARGV[12], 'so', ARGV[13]) end
+local moved = refresh(m)
+local xb = m.wb + m.ib + m.ob + m.hb
+local reply = {'OK', m.v, now, xb}
+local sets, dels = {}, {}
+if ARGV[2] ~= '' then sets[1] = 'q'; sets[2] = replay_add(m.q, reply, 4) end
+if w == '' then dels[#dels + 1] = 'w'; dels[#dels + 1] = 'wv'
+elseif w ~= '-' then sets[#sets + 1] = 'w'; sets[#sets + 1] = w
+  sets[#sets + 1] = 'wv'; sets[#sets + 1] = ARGV[10] end
+if ins == '' then dels[#dels + 1] = 'i'; dels[#dels + 1] = 'ih'; dels[#dels + 1] = 'so'
+elseif ins ~= '-' then sets[#sets + 1] = 'i'; sets[#sets + 1] = ins
+  sets[#sets + 1] = 'ih'; sets[#sets + 1] = ARGV[12]
+  sets[#sets + 1] = 'so'; sets[#sets + 1] = ARGV[13] end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], dels)
 if nreg >= 0 then
   chunked('HDEL', KEYS[1], old_reg)
-  local sets = {}
+  local reg = {}
   for k = 0, nreg - 1 do
-    sets[#sets + 1] = 'o:' .. ARGV[reg_at + 2 * k]
-    sets[#sets + 1] = ARGV[reg_at + 2 * k + 1]
+    reg[#reg + 1] = 'o:' .. ARGV[reg_at + 2 * k]
+    reg[#reg + 1] = ARGV[reg_at + 2 * k + 1]
   end
-  chunked('HSET', KEYS[1], sets)
+  chunked('HSET', KEYS[1], reg)
 end
 if nhist >= 0 then
   chunked('HDEL', KEYS[1], old_hist)
-  local sets = {}
+  local hist = {}
   for k = 0, nhist - 1 do
-    sets[#sets + 1] = 'e:' .. str(m.eo + k)
-    sets[#sets + 1] = ARGV[hist_at + k]
+    hist[#hist + 1] = 'e:' .. str(m.eo + k)
+    hist[#hist + 1] = ARGV[hist_at + k]
   end
-  chunked('HSET', KEYS[1], sets)
+  chunked('HSET', KEYS[1], hist)
 end
-touch(m, now)
-local reply = {'OK', m.v, now, xb}
-replay_save(reply, 4)
+index_write(m, moved, idx)
+idx_flush(idx)
 return reply
 """,
 )
@@ -626,15 +825,25 @@ LOAD_CONTEXT = _script(
 -- load_context (refreshes).
 -- ARGV: common only.
 -- Returns {'OK', field, value, ...} for the fields w, i, o:<id> and e:<n> | {'NOTFOUND'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
 local m = load_meta()
 if not m then return {'NOTFOUND'} end
-touch(m, now_ms())
-return append_fields({'OK'}, function(f)
+local moved = refresh(m)
+session_write(m, {})
+index_write(m, moved, idx)
+idx_flush(idx)
+local reply = {'OK'}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local f = all[i]
   local p = string.sub(f, 1, 2)
-  return f == 'w' or f == 'i' or p == 'o:' or p == 'e:'
-end)
+  if f == 'w' or f == 'i' or p == 'o:' or p == 'e:' then
+    reply[#reply + 1] = f; reply[#reply + 1] = all[i + 1]
+  end
+end
+return reply
 """,
 )
 
@@ -646,13 +855,15 @@ SUMMARY = _script(
 -- Returns {'OK', variable_count, inspector_history_length, selected_object JSON|false,
 --   registry_size, newest entry number, oldest entry number, context_bytes,
 --   last_modified_ms} | {'NOTFOUND'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('wv', 'ih', 'so')
 if not m then return {'NOTFOUND'} end
-local s = redis.call('HMGET', KEYS[1], 'wv', 'ih', 'so', 'rn', 'en', 'eo')
-return {'OK', tonumber(s[1]) or 0, tonumber(s[2]) or 0, s[3], tonumber(s[4]) or 0,
-  tonumber(s[5]) or 0, tonumber(s[6]) or 1, m.xb, m.lm}
+idx_flush(idx)
+local s = m.extra
+return {'OK', tonumber(s[1]) or 0, tonumber(s[2]) or 0, s[3] or false, m.rn, m.en, m.eo,
+  m.wb + m.ib + m.ob + m.hb, m.lm}
 """,
 )
 
@@ -662,38 +873,35 @@ CLEAR_CONTEXT = _script(
 -- clear_context.
 -- ARGV[7] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
 -- Returns {'OK', version} | {'NOTFOUND'} | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local m = load_meta(true)
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
 local parts = ARGV[7]
-local xb = m.xb
 local del = {}
 local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
-if has('w') then
-  xb = xb - redis.call('HSTRLEN', KEYS[1], 'w'); del[#del + 1] = 'w'; del[#del + 1] = 'wv'
-end
-if has('i') then
-  xb = xb - redis.call('HSTRLEN', KEYS[1], 'i')
-  del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so'
-end
+if has('w') then m.wb = 0; del[#del + 1] = 'w'; del[#del + 1] = 'wv' end
+if has('i') then m.ib = 0; del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so' end
 if has('o') then
   for _, f in ipairs(prefixed('o:')) do del[#del + 1] = f end
-  xb, m.ob, m.rn = xb - m.ob, 0, 0
+  m.ob, m.rn = 0, 0
 end
 if has('e') then
   for n = m.eo, m.en do del[#del + 1] = 'e:' .. str(n) end
-  xb, m.hb, m.eo = xb - m.hb, 0, m.en + 1
+  m.hb, m.eo = 0, m.en + 1
 end
-chunked('HDEL', KEYS[1], del)
-local now = now_ms()
-m.v, m.lm, m.xb = m.v + 1, now, xb
-save_meta(m, 'xb', 'rn', 'eo')
-touch(m, now)
+m.v, m.lm = m.v + 1, now
+local moved = refresh(m)
 local reply = {'OK', m.v}
-replay_save(reply, 2)
+local sets = {}
+if ARGV[2] ~= '' then sets = {'q', replay_add(m.q, reply, 2)} end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], del)
+index_write(m, moved, idx)
+idx_flush(idx)
 return reply
 """,
 )
@@ -704,12 +912,13 @@ RECORD_EVALUATION = _script(
 -- record_evaluation: append to the history, keeping the newest entries.
 -- ARGV[7] entry JSON, ARGV[8] history limit, ARGV[9] max session bytes.
 -- Returns {'OK', evaluation_count, version} | {'NOTFOUND'} | {'TOOLARGE'} | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local m = load_meta(true)
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
 local before = cost(m)
 local en, eo = m.en + 1, m.eo
 local limit = tonumber(ARGV[8])
@@ -721,16 +930,17 @@ while en - eo + 1 > limit do
   evict[#evict + 1] = f
   eo = eo + 1
 end
-m.en, m.eo, m.xb, m.hb = en, eo, m.xb + added, m.hb + added
+m.en, m.eo, m.hb = en, eo, m.hb + added
 if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], 'e:' .. str(en), ARGV[7])
-chunked('HDEL', KEYS[1], evict)
-local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'en', 'eo')
-touch(m, now)
+local moved = refresh(m)
 local reply = {'OK', en - eo + 1, m.v}
-replay_save(reply, 3)
+local sets = {'e:' .. str(en), ARGV[7]}
+if ARGV[2] ~= '' then sets[3] = 'q'; sets[4] = replay_add(m.q, reply, 3) end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], evict)
+index_write(m, moved, idx)
+idx_flush(idx)
 return reply
 """,
 )
@@ -742,27 +952,29 @@ REGISTER_OBJECT = _script(
 -- ARGV[7] object id, ARGV[8] entry JSON, ARGV[9] registry cap, ARGV[10] max session bytes.
 -- Returns {'OK', registry_size, version} | {'NOTFOUND'} | {'FULL', size} | {'TOOLARGE'}
 --   | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local m = load_meta(true)
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
 if old == 0 and m.rn >= tonumber(ARGV[9]) then return {'FULL', m.rn} end
 local before = cost(m)
 local added = #ARGV[8]
 if old == 0 then added, m.rn = added + klen(ARGV[7]), m.rn + 1 else added = added - old end
-m.xb, m.ob = m.xb + added, m.ob + added
+m.ob = m.ob + added
 if too_large(m, before, ARGV[10]) then return {'TOOLARGE'} end
-redis.call('HSET', KEYS[1], f, ARGV[8])
-local now = now_ms()
 m.v, m.lm = m.v + 1, now
-save_meta(m, 'xb', 'rn')
-touch(m, now)
+local moved = refresh(m)
 local reply = {'OK', m.rn, m.v}
-replay_save(reply, 3)
+local sets = {f, ARGV[8]}
+if ARGV[2] ~= '' then sets[3] = 'q'; sets[4] = replay_add(m.q, reply, 3) end
+session_write(m, sets)
+index_write(m, moved, idx)
+idx_flush(idx)
 return reply
 """,
 )
@@ -773,27 +985,30 @@ RELEASE_OBJECT = _script(
 -- release_object: drop one registry entry (refreshes even when there was none).
 -- ARGV[7] object id.
 -- Returns {'OK', released (1/0), registry_size, version} | {'NOTFOUND'} | {'REUSED'}.
-local limited = rate_take(KEYS[6], ARGV[6])
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local r = replay_lookup()
-if r then return r end
-local m = load_meta(true)
+local m = load_meta()
 if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
 local f = 'o:' .. ARGV[7]
 local old = redis.call('HSTRLEN', KEYS[1], f)
-local now = now_ms()
 local released = 0
 if old > 0 then
   released = 1
-  redis.call('HDEL', KEYS[1], f)
   local gone = klen(ARGV[7]) + old
   m.v, m.lm, m.rn = m.v + 1, now, m.rn - 1
-  m.xb, m.ob = math.max(0, m.xb - gone), math.max(0, m.ob - gone)
-  save_meta(m, 'xb', 'rn')
+  m.ob = math.max(0, m.ob - gone)
 end
-touch(m, now)
+local moved = refresh(m)
 local reply = {'OK', released, m.rn, m.v}
-replay_save(reply, 4)
+local sets = {}
+if ARGV[2] ~= '' then sets = {'q', replay_add(m.q, reply, 4)} end
+session_write(m, sets)
+if old > 0 then redis.call('HDEL', KEYS[1], f) end
+index_write(m, moved, idx)
+idx_flush(idx)
 return reply
 """,
 )
@@ -802,55 +1017,67 @@ RESTORE_BACKUP = _script(
     "restore_backup",
     r"""
 -- restore_backup: put one session from a backup file back (stui-sessions restore),
--- with its remaining TTL, and rebuild its three index entries as touch() does.
+-- with its remaining time, and rebuild its three index entries.
 -- The fields were validated and their sizes recomputed by service/restore.py;
 -- this script adds what only Redis can check: the clock and the client's
 -- live sessions.
 -- KEYS[1..4] as every session script (no replay, no rate limit). ARGV[1..3], ARGV[6]: ''.
--- ARGV[7] absolute expiry (ms), ARGV[8] '1' to overwrite a newer or equal version,
+-- ARGV[7] exact expiry (ms), ARGV[8] '1' to overwrite a newer or equal version,
 --   ARGV[9] max live sessions per client,
---   ARGV[10..] the session hash as field, value pairs (c, ca, lm, to, v, a among them).
+--   ARGV[10] the metadata without its first two numbers (layout.pack_template),
+--   ARGV[11..] the content fields as field, value pairs.
 -- The expiry is brought back to now + timeout when it lies beyond it (a
 -- backup read on a node whose clock was ahead).
 -- Returns {'OK'} | {'EXPIRED'} | {'NEWER', stored version} | {'LIMIT', live}.
-local now = now_ms()
 local exp = tonumber(ARGV[7])
 if exp <= now then return {'EXPIRED'} end
-local m, sets, keep = {}, {}, {}
-for i = 10, #ARGV, 2 do
-  local f = ARGV[i]
-  sets[#sets + 1] = f; sets[#sets + 1] = ARGV[i + 1]; keep[f] = true
-  if f == 'ca' or f == 'lm' or f == 'to' or f == 'v' or f == 'a' then
-    m[f] = tonumber(ARGV[i + 1])
-  end
+local m = unpack_meta('0,0,' .. ARGV[10])
+local sets, keep = {'m', ''}, {m = true}
+for i = 11, #ARGV, 2 do
+  sets[#sets + 1] = ARGV[i]; sets[#sets + 1] = ARGV[i + 1]; keep[ARGV[i]] = true
 end
-local stored = tonumber(redis.call('HGET', KEYS[1], 'v'))
+local got = redis.call('HMGET', KEYS[1], 'm', 'v')
+local stored = tonumber(got[2])
+if got[1] then
+  local held = unpack_meta(got[1])
+  stored = held.v
+  -- A key that outlives its session (layout.EXPIRY_SLACK_MS) holds no session.
+  if held.xe <= now then stored = nil end
+end
+local present = got[1] or got[2]
 if stored and ARGV[8] ~= '1' and stored >= m.v then return {'NEWER', stored} end
-exp = math.min(exp, now + m.to * 1000)
+m.xe = math.min(exp, now + m.to * 1000)
+m.ke = m.xe
+sets[2] = pack_meta(m)
 local entry = redis.call('HGET', KEYS[2], sid)
 if not (stored and entry and entry_expiry(entry) > now) then
   -- A session new to the client: it must fit under the client's limit.
   local live = 0
   local entries = redis.call('HGETALL', KEYS[2])
-  for i = 2, #entries, 2 do
-    if entry_expiry(entries[i]) > now then live = live + 1 end
+  for i = 1, #entries, 2 do
+    if string.byte(entries[i], 1) ~= 33 and entry_expiry(entries[i + 1]) > now then
+      live = live + 1
+    end
   end
   if live >= tonumber(ARGV[9]) then return {'LIMIT', live} end
 end
 -- First write: refused cleanly by a full Redis (see the module docstring).
 chunked('HSET', KEYS[1], sets)
 local extra = {}
-if stored then
+if present then
   for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
     if not keep[f] then extra[#extra + 1] = f end
   end
 end
 chunked('HDEL', KEYS[1], extra)
-redis.call('PEXPIREAT', KEYS[1], str(exp))
-redis.call('ZADD', KEYS[3], str(exp), sid)
-index_put(m, exp, now)
+redis.call('PEXPIREAT', KEYS[1], str(m.ke))
+redis.call('ZADD', KEYS[3], str(m.ke), sid)
+local idx = index_read()
+redis.call('HSET', KEYS[2], sid, index_entry(m))
+idx_need(m.ke)
 -- Recomputed rather than ZADD GT: a forced restore may move an expiry earlier.
-client_refresh(now)
+client_refresh(nil)
+idx_flush(idx)
 return {'OK'}
 """,
 )

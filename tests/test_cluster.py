@@ -239,7 +239,9 @@ def test_a_whole_cluster_down_is_storage_unavailable_not_a_crash() -> None:
     cluster is back (its own cluster: the shared one must stay up)."""
     with LocalCluster() as cluster:
         store = Store(redis_for(Settings(redis_url=cluster.url, redis_mode="cluster")))
-        call = Call(scripts.RATE, [keys.rate_key(keys.client_hash("down"))], ["10,10,1,1,0"])
+        index = keys.client_index_key(keys.client_hash("down"))
+        rate = ["", "", "0", "", keys.client_hash("down"), "10,10,1,1,0"]
+        call = Call(scripts.RATE, [index, index], rate)
         assert not isinstance(store.run([call])[0], Exception)
         for node in cluster.nodes:
             node.stop()

@@ -13,7 +13,7 @@ import pytest
 import redis
 import zmq
 
-from service import codec, keys
+from service import codec, keys, layout
 from tests.conftest import FrontProcess
 from workers.client import Client, RemoteError
 from workers.embedded_redis import EmbeddedRedis, free_port
@@ -112,7 +112,8 @@ def test_sigterm_answers_everything_in_flight(
     assert all(r["status"] == "success" for r in replies)
     sock.close()
     front.proc = None
-    assert redis_client.hget(keys.session_key(sid), "v") == str(n + 1).encode()
+    packed = redis_client.hget(keys.session_key(sid), "m")
+    assert isinstance(packed, bytes) and layout.unpack_meta(packed).v == n + 1
 
 
 def test_redis_down_gives_storage_unavailable_then_recovers(

@@ -277,18 +277,19 @@ def request_body(encoding: Encoding, rid: Any, command: str, params: Any) -> byt
 
 def snapshot(r: redis.Redis) -> Snapshot:
     """Every key with its type and value, TTLs ignored. Rate-limit buckets
-    are left out: they are accounting, and the valid requests sent alongside
-    the hostile ones rightly take tokens."""
+    (a client index's fields !r, and !x, its expiry, which they extend) are
+    left out: they are accounting, and the valid requests sent alongside the
+    hostile ones rightly take tokens."""
     out: Snapshot = {}
     for key in r.scan_iter(count=1000):
-        if b":rl:" in key:
-            continue
         kind = r.type(key)
         value: Any
         if kind == b"string":
             value = r.get(key)
         elif kind == b"hash":
-            value = sorted(r.hgetall(key).items())
+            value = sorted(
+                (f, v) for f, v in r.hgetall(key).items() if f not in (b"!r", b"!x")
+            )
         elif kind == b"zset":
             value = r.zrange(key, 0, -1, withscores=True)
         elif kind == b"set":

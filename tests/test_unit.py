@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -73,7 +72,7 @@ def test_a_failing_script_is_internal_error(fake_dispatcher: Callable[..., Dispa
     d = fake_dispatcher()
     sid = ask(d, "create_session", client_id="c")["result"]["session_id"]
     # corrupt the session hash so the script fails at run time
-    d.store.client.hset(keys.session_key(sid), "to", "not-a-number")
+    d.store.client.hset(keys.session_key(sid), "m", "not-a-number")
     reply = ask(d, "update_session_state", session_id=sid, state_data={"a": 1})
     assert reply["error_type"] == "InternalError"
     assert "Traceback" not in json.dumps(reply) and "lua" not in reply["error"].lower()
@@ -91,19 +90,21 @@ def test_key_formats_are_pinned() -> None:
     assert keys.client_index_key(chash) == "stui:{b47}:c:2bd806c97f0e00af"
     assert keys.bucket_expiry_key(47) == "stui:{b47}:exp"
     assert keys.bucket_clients_key(47) == "stui:{b47}:clients"
-    assert keys.replay_key(47, "x").startswith("stui:{b47}:r:")
-    assert len(keys.replay_key(47, "x")) == len("stui:{b47}:r:") + 32
     # every key of one session command shares one hash tag (one Cluster slot)
     tags = {k.split("}")[0] for k in keys.session_keys(sid)}
     assert tags == {"stui:{b47"}
-    # The six keys a session script gets are the same names, made at once.
-    for scope in ("update\0sid\0\"r-1\"\0addr:127.0.0.1", ""):
-        assert keys.session_script_keys(sid, scope) == [
-            *keys.session_keys(sid),
-            keys.replay_key(47, scope),
-            keys.rate_key(chash),
-        ]
-    assert keys.replay_key(47, "") == "stui:{b47}:r:" + hashlib.sha256(b"").hexdigest()[:32]
+    assert keys.session_keys(sid) == [
+        keys.session_key(sid),
+        keys.client_index_key(chash),
+        keys.bucket_expiry_key(47),
+        keys.bucket_clients_key(47),
+    ]
+    # A replay record's id: two 16-hex digests, of the request and of its parameters.
+    rid = keys.replay_id("update\0sid\0\"r-1\"\0addr:127.0.0.1", b'["update",{}]')
+    digest, fp = rid.split(":")
+    assert len(digest) == len(fp) == 16 and int(digest, 16) >= 0 and int(fp, 16) >= 0
+    assert keys.replay_id("other", b'["update",{}]').split(":")[1] == fp
+    assert keys.replay_id("other", b'["update",{}]').split(":")[0] != digest
 
 
 def test_hostile_client_ids_cannot_reach_key_names() -> None:

@@ -9,7 +9,6 @@ so requests that arrive together reach Redis together.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,8 +117,13 @@ def check(raw: Any, settings: Settings) -> list[Any]:
     raise InternalError()
 
 
-def fingerprint(ctx: Ctx) -> str:
-    """'' (no replay protection) for a request without an id."""
+def replay_id(ctx: Ctx, target: str) -> str:
+    """ARGV[2] of a mutating script: '' (no replay protection) for a request
+    without an id, else the record's id (keys.replay_id) for this command on
+    this target with this request id, from this requester. A request id that
+    another requester used first (another CURVE identity, or with CURVE off
+    another network address) never answers for this one: it runs as a new
+    request."""
     if ctx.request_id is None:
         return ""
     try:
@@ -128,15 +132,14 @@ def fingerprint(ctx: Ctx) -> str:
         # Nesting just under the serializer's limit: storing the value worked,
         # but wrapping it for the fingerprint goes a few levels deeper.
         raise InvalidRequest("parameters nested too deeply", field="parameters") from None
-    return hashlib.sha256(canonical).hexdigest()[:32]
+    scope = f"{ctx.command}\0{target}\0{codec.dumps(ctx.request_id).decode()}\0{ctx.requester}"
+    return keys.replay_id(scope, canonical)
 
 
-def replay_scope(ctx: Ctx, target: str) -> str:
-    """What a replay record answers for: this command on this target with this
-    request id, from this requester. A request id that another requester
-    used first (another CURVE identity, or with CURVE off another network
-    address) never answers for this one: it runs as a new request."""
-    return f"{ctx.command}\0{target}\0{codec.dumps(ctx.request_id).decode()}\0{ctx.requester}"
+def script_args(ctx: Ctx, client_id: str, rid: str, session_id: str, chash: str,
+                rate_spec: str) -> list[Arg]:
+    """ARGV[1..6], the convention every session script shares (service/scripts.py)."""
+    return [client_id, rid, ctx.settings.replay_window * 1000, session_id, chash, rate_spec]
 
 
 def session_call(
@@ -152,18 +155,17 @@ def session_call(
     if client_id is not None and keys.client_hash(client_id) != chash:
         # Another client's session: invisible, and no reason to ask Redis.
         raise SessionNotFound()
-    fp = fingerprint(ctx) if replay else ""
-    key_list = keys.session_script_keys(session_id, replay_scope(ctx, session_id) if fp else "")
-    args: list[Arg] = [
-        client_id or "",
-        fp,
-        ctx.settings.replay_window * 1000,
-        session_id,
-        chash,
-        ctx.rate_spec,
-        *extra,
-    ]
-    return Call(script, key_list, args)
+    rid = replay_id(ctx, session_id) if replay else ""
+    args = script_args(ctx, client_id or "", rid, session_id, chash, ctx.rate_spec)
+    args += extra
+    return Call(script, keys.session_keys(session_id), args)
+
+
+def client_call(ctx: Ctx, script: Any, chash: str) -> Call:
+    """A call of a client-scoped script (RATE, LIST): KEYS[1] and KEYS[2] the
+    client index, as the prelude expects."""
+    index = keys.client_index_key(chash)
+    return Call(script, [index, index], script_args(ctx, "", "", "", chash, ctx.rate_spec))
 
 
 def rate_limited(ctx: Ctx, client_id: str | None, plan: Plan) -> Plan:
@@ -172,7 +174,7 @@ def rate_limited(ctx: Ctx, client_id: str | None, plan: Plan) -> Plan:
     no client is not limited."""
     if client_id is None or not ctx.rate_spec:
         return plan
-    rate = Call(scripts.RATE, [keys.rate_key(keys.client_hash(client_id))], [ctx.rate_spec])
+    rate = client_call(ctx, scripts.RATE, keys.client_hash(client_id))
     inner = plan.finish
 
     def finish(raw: list[Any]) -> Result:

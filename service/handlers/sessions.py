@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import keys, models, scripts
+from service import keys, layout, models, scripts
 from service.codec import Fragment
 from service.errors import PayloadTooLarge
 from service.handlers.base import (
@@ -12,17 +12,18 @@ from service.handlers.base import (
     Plan,
     Result,
     check,
+    client_call,
     encode_value,
     expiry_fields,
-    fingerprint,
     rate_limited,
-    replay_scope,
+    replay_id,
     require_session_id,
+    script_args,
     session_call,
     text,
 )
 from service.protocol import iso
-from service.store import Arg, Call
+from service.store import Call
 
 
 def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
@@ -36,23 +37,11 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
             field="client_info",
         )
     chash = keys.client_hash(p.client_id)
-    bucket = keys.bucket_of(chash)
     sid = keys.new_session_id(chash)
-    fp = fingerprint(ctx)
+    rid = replay_id(ctx, p.client_id)
     key_list = keys.session_keys(sid)
-    key_list.append(keys.replay_key(bucket, replay_scope(ctx, p.client_id) if fp else ""))
-    key_list.append(keys.rate_key(chash))
-    args: list[Arg] = [
-        p.client_id,
-        fp,
-        s.replay_window * 1000,
-        sid,
-        chash,
-        ctx.create_rate_spec,
-        timeout,
-        info,
-        s.max_sessions_per_client,
-    ]
+    args = script_args(ctx, p.client_id, rid, sid, chash, ctx.create_rate_spec)
+    args += [timeout, info, s.max_sessions_per_client]
     call = Call(scripts.CREATE, key_list, args)
 
     def finish(raw: list[Any]) -> Result:
@@ -73,28 +62,19 @@ def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
 
 
 def _info_result(
-    session_id: str,
-    client_id: str,
-    created: int,
-    modified: int,
-    timeout: int,
-    version: int,
-    active: int,
-    expires: int,
-    now: int,
-    client_info: Any,
+    session_id: str, meta: layout.Meta, now: int, client_info: bytes | None
 ) -> Result:
     return {
         "session_id": session_id,
-        "client_id": client_id,
-        "created_at": iso(created),
-        "last_modified": iso(modified),
-        "timeout": timeout,
-        "is_active": bool(active),
-        "version": version,
+        "client_id": meta.c,
+        "created_at": iso(meta.ca),
+        "last_modified": iso(meta.lm),
+        "timeout": meta.to,
+        "is_active": bool(meta.a),
+        "version": meta.v,
         "is_expired": False,
         "client_info": Fragment(client_info) if client_info else None,
-        **expiry_fields(expires, now),
+        **expiry_fields(meta.xe, now),
     }
 
 
@@ -104,18 +84,7 @@ def get_session_info(p: models.SessionRef, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        return _info_result(
-            sid,
-            text(r[1]),
-            int(r[2]),
-            int(r[3]),
-            int(r[4]),
-            int(r[5]),
-            int(r[6]),
-            int(r[7]),
-            int(r[8]),
-            r[9] or None,
-        )
+        return _info_result(sid, layout.unpack_meta(r[2]), int(r[1]), r[3] or None)
 
     return Plan([call], finish)
 
@@ -126,20 +95,8 @@ def restore_session(p: models.SessionRef, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        now, expires = int(r[1]), int(r[2])
         h = dict(zip(r[3::2], r[4::2], strict=True))
-        result = _info_result(
-            sid,
-            text(h[b"c"]),
-            int(h[b"ca"]),
-            int(h[b"lm"]),
-            int(h[b"to"]),
-            int(h[b"v"]),
-            int(h[b"a"]),
-            expires,
-            now,
-            h.get(b"ci"),
-        )
+        result = _info_result(sid, layout.unpack_meta(r[2]), int(r[1]), h.get(b"ci"))
         result.update(session_contents(h))
         return result
 
@@ -227,16 +184,16 @@ def close_session(p: models.CloseSession, ctx: Ctx) -> Plan:
 
 
 def list_client_sessions(p: models.ListClientSessions, ctx: Ctx) -> Plan:
-    chash = keys.client_hash(p.client_id)
-    call = Call(scripts.LIST, [keys.client_index_key(chash), keys.rate_key(chash)], [ctx.rate_spec])
+    call = client_call(ctx, scripts.LIST, keys.client_hash(p.client_id))
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
         now = int(r[1])
         rows = []
         for sid, packed in zip(r[2::2], r[3::2], strict=True):
-            exp, created, modified, timeout, version, active = (int(x) for x in packed.split(b"|"))
-            rows.append((created, text(sid), exp, modified, timeout, version, active))
+            e = layout.parse_entry(packed)
+            rows.append((e.created, text(sid), e.expires, e.modified, e.timeout, e.version,
+                         e.active))
         rows.sort()
         sessions = [
             {
