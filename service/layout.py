@@ -60,7 +60,7 @@ META_FIELD = b"m"
 REPLAY_FIELD = b"q"
 INDEX_PRIVATE = b"!"  # the first byte of every index field that is not a session id
 EXPIRY_SLACK_MS = 10_000  # how far a key may outlive its session's exact expiry
-REPLAY_MAX = 16  # replay records kept per session (and their window)
+REPLAY_MAX = 4  # replay records kept per session (and their window): each costs Lua time per write
 INDEX_HEADROOM_MS = 600_000  # how far past its last session a client index may live
 
 # Fields of the previous release's layout, gone at a session's first write.

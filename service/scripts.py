@@ -75,9 +75,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Numbers handed to redis.call or stored go through here: Lua's default
--- number formatting (%.14g) would round large integers.
+-- number formatting (%.14g) rounds integers from 10^14 on. The service's
+-- own numbers (ms timestamps, versions up to 2^40, byte counts) stay below
+-- that, and table.concat and redis.call format them exactly, and faster.
 local function str(x)
-  if type(x) == 'number' then return string.format('%d', x) end
+  if type(x) == 'number' and x >= 1e14 then return string.format('%d', x) end
   return x
 end
 
@@ -210,18 +212,24 @@ local function replay_parts(reply, n)
   return table.concat(parts, ',')
 end
 
--- q with this request's record in front and the expired ones dropped.
+-- q with this request's record in front, REPLAY_MAX records at most, and
+-- the expired ones dropped. Records are newest first, so the walk stops at
+-- the first expired one (all after it are older).
 local function replay_add(q, reply, n)
-  local out = {ARGV[2] .. ':' .. str(now) .. ':' .. replay_parts(reply, n)}
-  if q then
-    local window = tonumber(ARGV[3])
-    for rec in string.gmatch(q, '[^;]+') do
-      if #out >= REPLAY_MAX then break end
-      local at = tonumber(string.match(rec, '^%x+:%x+:(%d+):'))
-      if at and at + window > now then out[#out + 1] = rec end
-    end
+  local head = ARGV[2] .. ':' .. now .. ':' .. replay_parts(reply, n)
+  if not q then return head end
+  local oldest = now - tonumber(ARGV[3])
+  local pos, kept = 1, 1
+  while kept < REPLAY_MAX do
+    local at = tonumber(string.match(q, '^%x+:%x+:(%d+):', pos))
+    if not at or at <= oldest then break end
+    kept = kept + 1
+    local e = string.find(q, ';', pos, true)
+    if not e then pos = #q + 2; break end
+    pos = e + 1
   end
-  return table.concat(out, ';')
+  if pos <= 1 then return head end
+  return head .. ';' .. string.sub(q, 1, pos - 2)
 end
 
 -- The index-held record of a create or close: field '!q<digest>'.
@@ -252,7 +260,7 @@ end
 
 local function pack_meta(m)
   local out = {}
-  for i = 1, #META do out[i] = str(m[META[i]]) end
+  for i = 1, #META do out[i] = m[META[i]] end  -- all below 10^14 (see str)
   out[#META + 1] = m.c
   return table.concat(out, ',')
 end
@@ -352,8 +360,7 @@ local function session_write(m, sets)
 end
 
 local function index_entry(m)
-  return table.concat({str(m.xe), str(m.ke - m.xe), str(m.ca), str(m.lm - m.ca), str(m.to),
-    str(m.v), str(m.a)}, '|')
+  return table.concat({m.xe, m.ke - m.xe, m.ca, m.lm - m.ca, m.to, m.v, m.a}, '|')
 end
 
 -- Sliding expiry, second half (after session_write): the index scores are

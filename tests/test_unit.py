@@ -421,3 +421,29 @@ def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch: pytest.Mon
     # front keeps the all-interfaces default: it is what a pod's port needs.
     monkeypatch.delenv("STUI_BIND")
     assert Settings(redis_url="redis://unused").bind == "tcp://0.0.0.0:5555"
+
+
+def test_a_session_keeps_the_replay_records_of_its_newest_mutations(
+    fake_dispatcher: Callable[..., Dispatcher],
+) -> None:
+    """Replay records live in the session (service/layout.py, REPLAY_MAX):
+    a retry of any of its newest REPLAY_MAX mutations is answered from its
+    record; an older one runs again."""
+    from service import layout
+
+    d = fake_dispatcher()
+    sid = ask(d, "create_session", client_id="rp")["result"]["session_id"]
+
+    def update(rid: str, n: int) -> dict[str, Any]:
+        body = {"id": rid, "command": "update_session_state",
+                "parameters": {"session_id": sid, "state_data": {"n": n}}}
+        reply: dict[str, Any] = json.loads(d.handle([json.dumps(body).encode()])[0])
+        return reply
+
+    first = [update(f"u{n}", n)["result"]["version"] for n in range(layout.REPLAY_MAX + 1)]
+    for n in range(1, layout.REPLAY_MAX + 1):  # the newest REPLAY_MAX: replayed
+        assert update(f"u{n}", n)["result"]["version"] == first[n]
+    again = update("u0", 0)  # the oldest: its record was dropped, it runs again
+    assert again["result"]["version"] == first[-1] + 1
+    reused = update("u5", 99)  # same id, other parameters
+    assert reused["error_type"] == "InvalidRequest" and reused["details"]["field"] == "id"

@@ -1,0 +1,104 @@
+"""One tree's Redis cost per command: run by benchmarks/rediscost.py with that
+tree's code first on sys.path (so it imports only what every release has:
+service.dispatch, service.settings, service.store, workers.embedded_redis).
+
+Prints JSON: {command: {"usec": per script call, "calls": inner Redis calls
+per request (TIME included), "scripts": script calls per request}}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import redis
+
+from service.dispatch import Dispatcher  # type: ignore[import-not-found, unused-ignore]
+from service.settings import Settings  # type: ignore[import-not-found, unused-ignore]
+from service.store import Store, connect  # type: ignore[import-not-found, unused-ignore]
+from workers.embedded_redis import EmbeddedRedis  # type: ignore[import-not-found, unused-ignore]
+
+NOT_INNER = {"evalsha", "eval", "info", "script", "flushall", "config"}
+STATE = {"cursor": {"line": 12, "column": 4}, "workspace": "Transcript showln: 3 + 4. " * 38}
+
+
+class Probe:
+    def __init__(self, url: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        settings = Settings(redis_url=url, rate_burst=10**9, create_burst=10**9,
+                            max_sessions_per_client=10**6, stats_max_age=0)
+        self.d = Dispatcher(settings, Store(connect(url, 30)))
+        self.n = 0
+
+    def ask(self, command: str, **params: Any) -> dict[str, Any]:
+        self.n += 1
+        body = json.dumps({"id": f"p{self.n}", "command": command, "parameters": params})
+        reply: dict[str, Any] = json.loads(self.d.handle([body.encode()])[0])
+        if reply.get("status") != "success":
+            raise RuntimeError(f"{command}: {reply}")
+        return reply["result"]  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                for k, v in self.r.info("commandstats").items()}
+
+    def measure(self, requests: list[tuple[str, dict[str, Any]]]) -> dict[str, float]:
+        before = self.stats()
+        for command, params in requests:
+            self.ask(command, **params)
+        after = self.stats()
+
+        def delta(name: str, i: int) -> int:
+            return after.get(name, (0, 0))[i] - before.get(name, (0, 0))[i]
+
+        scripts = delta("evalsha", 0)
+        inner = sum(delta(k, 0) for k in after if k not in NOT_INNER)
+        n = len(requests)
+        return {"usec": delta("evalsha", 1) / max(scripts, 1), "calls": inner / n,
+                "scripts": scripts / n}
+
+
+def main() -> None:
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    server = EmbeddedRedis().start()
+    try:
+        p = Probe(server.url)
+        sids = [p.ask("create_session", client_id=f"c{n % 50}")["session_id"]
+                for n in range(repeats)]
+        for sid in sids:
+            p.ask("update_session_state", session_id=sid, state_data=STATE)
+        found: dict[str, dict[str, float]] = {}
+
+        def each(command: str, make: Any) -> None:
+            found[command] = p.measure([(command, make(n, sid)) for n, sid in enumerate(sids)])
+
+        each("create_session", lambda n, sid: {"client_id": f"n{n % 50}", "timeout": 3600})
+        each("update_session_state", lambda n, sid: {
+            "session_id": sid, "state_data": {**STATE, "cursor": {"line": n, "column": 1}}})
+        each("get_session_info", lambda n, sid: {"session_id": sid})
+        each("restore_session", lambda n, sid: {"session_id": sid})
+        each("list_client_sessions", lambda n, sid: {"client_id": f"c{n % 50}"})
+        each("save_context", lambda n, sid: {"session_id": sid, "context": {
+            "workspace_context": {"vars": {"a": n}}, "object_registry": {"o1": {"c": "Point"}}}})
+        each("load_context", lambda n, sid: {"session_id": sid})
+        each("get_context_summary", lambda n, sid: {"session_id": sid})
+        each("record_evaluation", lambda n, sid: {"session_id": sid, "code": "3 + 4",
+                                                  "result": 7})
+        each("register_object", lambda n, sid: {"session_id": sid, "object_id": f"x{n}",
+                                                "description": "a Point"})
+        each("release_object", lambda n, sid: {"session_id": sid, "object_id": f"x{n}"})
+        each("clear_context", lambda n, sid: {"session_id": sid, "parts": ["object_registry"]})
+        each("ping", lambda n, sid: {"client_id": f"c{n % 50}"})
+        each("close_session", lambda n, sid: {"session_id": sid})
+        stats = p.measure([("get_session_statistics", {}) for _ in range(20)])
+        found["get_session_statistics"] = stats
+        memory = p.r.info("memory")["used_memory"]
+        print(json.dumps({"found": found, "used_memory": memory,
+                          "redis": p.r.info("server")["redis_version"]}))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
