@@ -74,26 +74,32 @@ listed below the table.
 This is analysis of the figures below, not a measurement of its own.
 
 - **CPU per update (and with it throughput).** Redis alone spends two to
-  three times the CPU per update (the table below) that the whole echo
-  server spends per request (30 to 45 us): the update script makes about
-  16 calls inside Redis (the rate-limit buckets, the replay record, the
-  version and size checks, the state write, sliding expiry of the session
-  and of its three index entries). The Python front spends more than the
-  echo server's ZeroMQ and JSON work: on top of that it runs pydantic
-  validation, the replay fingerprint (a canonical dump and SHA-256 of the
-  parameters), key building and reply assembly, even with hiredis packing
-  the pipeline and parsing the replies. Throughput follows: the front
-  worker waits for Redis while Redis waits for the front, so one worker is
-  capped near 1 / (front + Redis CPU per request). Closing the gap needs
-  fewer Redis calls per write (one packed metadata field, one clock
-  reading) and a leaner validation path: the next issue's work.
+  four times the CPU per update (the table below) that the whole echo
+  server spends per request (30 to 45 us). The packed layout
+  (`service/layout.py`) cut the update script's inner calls from 17 to 7
+  (`TIME`, one `HMGET` and one `HSET` of the session and of the client
+  index, the two exact index scores), but that did not lower its Redis
+  time: on this machine a script call has a fixed cost that the calls do
+  not explain (an `EVALSHA` of `return 1` takes about 5 us, each
+  `redis.call` about 3 us, the shared prelude about 9 us; see
+  [benchmarks-rediscost.md](benchmarks-rediscost.md), which measures every
+  command against the previous layout in one run), and the work the
+  packed fields moved into Lua (parsing and packing `m`, the replay
+  records, the bucket string) costs about what the calls it replaced did.
+  What remains to try, measured: Redis Functions (`FUNCTION LOAD`, Redis
+  7), whose library is loaded once instead of its helpers being rebuilt
+  on each call; fewer string operations per script; and, on the front,
+  one validation, no second serialization for the fingerprint and
+  decoding the next batch while Redis works on this one. The Python
+  front still spends three to four times the echo server's CPU.
 - **Memory per session.** A 1 KB state value is longer than Redis'
   `hash-max-listpack-value` (64 bytes), so the session hash uses the
-  hashtable encoding, where each metadata field costs a dictionary entry
-  (about 100 bytes). The counters are partly packed into one field (`cn`);
-  the fields the previous release reads stay separate for rolling upgrades.
-  Packing all of the metadata into one field, or a Redis configured with a
-  larger `hash-max-listpack-value`, would bring it under 2 KB.
+  hashtable encoding, where each field costs a dictionary entry. The
+  metadata is now one field (`m`) and the replay records live in the
+  session hash and the client index instead of keys of their own, which
+  took the figure with replay records from 2,829 B to the one above; the
+  rest is the state itself, the key and its expiry entry, the `exp`
+  zset's member and the client index entry.
 {stats_note}
 ## Throughput and latency
 

@@ -445,5 +445,5 @@ def test_a_session_keeps_the_replay_records_of_its_newest_mutations(
         assert update(f"u{n}", n)["result"]["version"] == first[n]
     again = update("u0", 0)  # the oldest: its record was dropped, it runs again
     assert again["result"]["version"] == first[-1] + 1
-    reused = update("u5", 99)  # same id, other parameters
+    reused = update("u0", 99)  # same id, other parameters (its record is the newest)
     assert reused["error_type"] == "InvalidRequest" and reused["details"]["field"] == "id"
