@@ -92,11 +92,14 @@ local function klen(k)
   return #k + 5 * ctrl + esc
 end
 
--- unpack() has a stack limit: send long argument lists in chunks.
+-- unpack() has a stack limit: send long argument lists in chunks. Returns
+-- the sum of the replies (HSET: fields created, HDEL: fields removed).
 local function chunked(cmd, key, items)
+  local total = 0
   for s = 1, #items, 1000 do
-    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
+    total = total + redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
   end
+  return total
 end
 
 -- Field names of the session hash that start with prefix.
@@ -336,22 +339,13 @@ local function refresh(m)
   return m.ke
 end
 
--- HSET in chunks; the number of fields it created.
-local function hset_count(key, items)
-  local created = 0
-  for s = 1, #items, 1000 do
-    created = created + redis.call('HSET', key, unpack(items, s, math.min(s + 999, #items)))
-  end
-  return created
-end
-
 -- The session's writes, in one HSET (its first write: refused cleanly by a
 -- full Redis): m, and the field, value pairs of sets. Returns how many of
 -- the fields in sets it created.
 local function session_write(m, sets)
   local all = {'m', pack_meta(m)}
   for i = 1, #sets do all[#all + 1] = sets[i] end
-  local created = hset_count(KEYS[1], all)
+  local created = chunked('HSET', KEYS[1], all)
   if m.legacy then
     redis.call('HDEL', KEYS[1], unpack(LEGACY))
     created = created - 1  -- m itself
@@ -609,14 +603,11 @@ if replace then
   -- The old keys go first, the new ones after: a key in both stays.
   session_write(m, {})
   chunked('HDEL', KEYS[1], old)
-  hset_count(KEYS[1], sets)
+  chunked('HSET', KEYS[1], sets)
 else
   local created = session_write(m, sets)
   if q_new then created = created - 1 end
-  local removed = 0
-  for s = 1, #dels, 1000 do
-    removed = removed + redis.call('HDEL', KEYS[1], unpack(dels, s, math.min(s + 999, #dels)))
-  end
+  local removed = chunked('HDEL', KEYS[1], dels)
   if not exact then
     local actual = keys_before + created - removed
     if actual ~= m.sn then
