@@ -190,8 +190,14 @@ class Dispatcher:
                 self.metrics.redis_error(refused)
         done = []
         for p in group:
-            own = results[p.first_call : p.first_call + len(p.plan.calls)]
+            end = p.first_call + len(p.plan.calls)
+            own = results[p.first_call : end]
+            # Let go of Redis' reply as soon as this one is encoded: a round
+            # trip may carry batch_reply_bytes of them, and holding every raw
+            # reply beside every encoded one doubles what the front holds.
+            results[p.first_call : end] = [None] * (end - p.first_call)
             reply, labels[p.n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
+            del own
             done.append((p.n, reply))
         return done
 

@@ -25,6 +25,7 @@ frame after the envelope is an InvalidRequest.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import time
@@ -47,6 +48,26 @@ log = logging.getLogger(__name__)
 OUTBOX_RETRY_MS = 5
 # Addresses remembered per routing id that libzmq made (it never reuses one).
 ADDRESS_CACHE = 65536
+
+
+# glibc's mallopt parameter, and the size from which a buffer gets its own
+# mapping (a reply of up to max_reply_bytes is well above it).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 256 * 1024
+
+
+def return_large_buffers_to_the_os() -> None:
+    """Pin glibc's mmap threshold. By default it grows to the largest buffer
+    freed so far, after which replies of up to a MiB come from the heap, and
+    a burst of them (a round trip of restores) leaves the process that much
+    larger for good. Pinned, each such buffer is unmapped when freed, so the
+    front's memory follows what it holds (tests/test_bounds.py). A no-op
+    where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 def _extra_frames_reply() -> bytes:
@@ -121,6 +142,7 @@ class FrontWorker:
             self.metrics.reply_dropped(reason)
 
     def run(self, sock: zmq.Socket[bytes] | None = None) -> None:
+        return_large_buffers_to_the_os()
         sock = sock or self.open_socket()
         # Behind the multi-process proxy the only peer is the proxy, which
         # reads every reply at once and holds the per-peer bounds itself.
