@@ -48,6 +48,7 @@ unless it costs no more than before (shrinking always works).
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from service import layout, limits
@@ -149,6 +150,13 @@ local function idx_flush(idx)
   if idx_until > kx then redis.call('PEXPIREAT', KEYS[2], str(idx_until)) end
 end
 
+-- A bucket's level now: tokens (a string; '' for a new bucket) at time at,
+-- refilled at r per second up to cap.
+local function level(tokens, at, r, cap)
+  if not tokens or tokens == '' then return cap end
+  return math.min(cap, tokens + (now - at) * r / 1000)
+end
+
 -- Token buckets in the index's '!r': g (every command) and c (create_session
 -- too). Returns nil when the request may go on (its tokens are taken at
 -- idx_flush), else {'RATELIMITED', ms until a token is back}.
@@ -156,29 +164,27 @@ local function rate_take(bucket, spec)
   if spec == '' then return nil end
   local rate, burst, crate, cburst, create =
     string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
-  rate, burst, crate, cburst = tonumber(rate), tonumber(burst), tonumber(crate), tonumber(cburst)
-  local g, gt, c, ct = '', '', '', ''
-  if bucket then g, gt, c, ct = string.match(bucket, '^([^,]*),([^,]*),([^,]*),([^,]*)$') end
-  local function level(tokens, at, r, cap)
-    if tokens == '' or not tokens then return cap end
-    return math.min(cap, tonumber(tokens) + (now - tonumber(at)) * r / 1000)
-  end
-  local wait = 0
-  local ttl = 0
+  rate, burst, crate, cburst = rate + 0, burst + 0, crate + 0, cburst + 0
+  local g, c = ',', ','  -- 'tokens,at' of each bucket, kept as they are when unused
+  if bucket then g, c = string.match(bucket, '^([^,]*,[^,]*),(.*)$') end
+  if not c then g, c = ',', ',' end
+  local wait, ttl = 0, 0
   if rate > 0 then
     ttl = math.ceil(burst * 1000 / rate)
-    local level_g = level(g, gt, rate, burst)
-    if level_g < 1 then wait = math.ceil((1 - level_g) * 1000 / rate) end
-    g, gt = string.format('%.4f', level_g - 1), str(now)
+    local tokens, at = string.match(g, '^([^,]*),(.*)$')
+    local lv = level(tokens, at, rate, burst)
+    if lv < 1 then wait = math.ceil((1 - lv) * 1000 / rate) end
+    g = string.format('%.4f,%d', lv - 1, now)
   end
   if create == '1' and crate > 0 then
     ttl = math.max(ttl, math.ceil(cburst * 1000 / crate))
-    local level_c = level(c, ct, crate, cburst)
-    if level_c < 1 then wait = math.max(wait, math.ceil((1 - level_c) * 1000 / crate)) end
-    c, ct = string.format('%.4f', level_c - 1), str(now)
+    local tokens, at = string.match(c, '^([^,]*),(.*)$')
+    local lv = level(tokens, at, crate, cburst)
+    if lv < 1 then wait = math.max(wait, math.ceil((1 - lv) * 1000 / crate)) end
+    c = string.format('%.4f,%d', lv - 1, now)
   end
   if wait > 0 then return {'RATELIMITED', wait} end
-  idx_set('!r', table.concat({g, gt, c, ct}, ','))
+  idx_set('!r', g .. ',' .. c)
   -- The buckets must outlive their refill, whatever the sessions do.
   idx_need(now + ttl + 1000)
   return nil
@@ -209,9 +215,14 @@ local function replay_lookup(q)
   return replay_parse(string.sub(q, s + 17, (e or 0) - 1), string.sub(ARGV[2], 18))
 end
 
+-- Integers through '%d' (see META_FORMAT), anything else as it is.
 local function replay_parts(reply, n)
   local parts = {}
-  for i = 2, n do parts[#parts + 1] = str(reply[i]) end
+  for i = 2, n do
+    local x = reply[i]
+    if type(x) == 'number' and x == math.floor(x) then x = string.format('%d', x) end
+    parts[#parts + 1] = x
+  end
   return table.concat(parts, ',')
 end
 
@@ -219,7 +230,7 @@ end
 -- the expired ones dropped. Records are newest first, so the walk stops at
 -- the first expired one (all after it are older).
 local function replay_add(q, reply, n)
-  local head = ARGV[2] .. ':' .. now .. ':' .. replay_parts(reply, n)
+  local head = string.format('%s:%d:%s', ARGV[2], now, replay_parts(reply, n))
   if not q then return head end
   local oldest = now - tonumber(ARGV[3])
   local pos, kept = 1, 1
@@ -242,7 +253,7 @@ local function index_replay_field()
 end
 
 local function index_replay_save(f, reply, n)
-  idx_set(f, string.sub(ARGV[2], 18) .. ':' .. str(now) .. ':' .. replay_parts(reply, n))
+  idx_set(f, string.format('%s:%d:%s', string.sub(ARGV[2], 18), now, replay_parts(reply, n)))
   idx_need(now + tonumber(ARGV[3]))
 end
 
@@ -250,22 +261,25 @@ end
 local META = {'xe', 'ke', 'v', 'lm', 'ca', 'to', 'a', 'sn', 'sb', 'sd', 'cb', 'rn', 'ob', 'en',
   'eo', 'hb', 'wb', 'ib'}
 
+-- One anchored match for all of m: a gmatch loop and a second match for the
+-- client id cost three times as much Lua time (benchmarks/rediscost.py).
+local META_PATTERN = '^' .. string.rep('(%d+),', #META) .. '(.*)$'
+
 local function unpack_meta(packed)
-  local m, i = {}, 1
-  for x in string.gmatch(packed, '(%d+),') do
-    m[META[i]] = tonumber(x)
-    i = i + 1
-    if i > #META then break end
-  end
-  m.c = string.match(packed, '([^,]*)$')
+  local got = {string.match(packed, META_PATTERN)}
+  local m = {c = got[#META + 1]}
+  for i = 1, #META do m[META[i]] = got[i] + 0 end  -- '+ 0': tonumber without a call
   return m
 end
 
+-- One string.format for all of m: '%d' is several times faster than the
+-- number-to-string conversion that table.concat applies (%.14g).
+local META_FORMAT = string.rep('%d,', #META) .. '%s'
 local function pack_meta(m)
   local out = {}
-  for i = 1, #META do out[i] = m[META[i]] end  -- all below 10^14 (see str)
+  for i = 1, #META do out[i] = m[META[i]] end
   out[#META + 1] = m.c
-  return table.concat(out, ',')
+  return string.format(META_FORMAT, unpack(out))
 end
 
 -- A session the previous release wrote (separate metadata fields): its
@@ -354,7 +368,7 @@ local function session_write(m, sets)
 end
 
 local function index_entry(m)
-  return table.concat({m.xe, m.ke - m.xe, m.ca, m.lm - m.ca, m.to, m.v, m.a}, '|')
+  return string.format('%d|%d|%d|%d|%d|%d|%d', m.xe, m.ke - m.xe, m.ca, m.lm - m.ca, m.to, m.v, m.a)
 end
 
 -- Sliding expiry, second half (after session_write): the index scores are
@@ -397,9 +411,37 @@ end
 """
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_COMMENT = re.compile(r"--[^\n]*")
+# What a top-level block of the prelude defines: `local function f` and
+# `local a, b = ...` at the start of a line (helpers' own locals are indented).
+_DEFINED = re.compile(r"^local (?:function (\w+)|([\w, ]+?) =)", re.MULTILINE)
+
+
+def _prelude_for(body: str) -> str:
+    """The blocks of _PRELUDE (separated by blank lines) that body needs,
+    directly or through another block, in their order. Every helper a Lua
+    chunk defines is a closure built on each script call, so a script that
+    carries only its own helpers spends less Redis time before its first
+    line (benchmarks/rediscost.py measures the prelude's cost)."""
+    def names(lua: str) -> set[str]:
+        return set(_IDENTIFIER.findall(_COMMENT.sub("", lua)))
+
+    blocks = _PRELUDE.strip("\n").split("\n\n")
+    needed = names(body)
+    kept: list[str] = []
+    for block in reversed(blocks):
+        defined = {name.strip() for m in _DEFINED.finditer(block) for group in m.groups()
+                   if group for name in group.split(",")}
+        if defined & needed:
+            kept.append(block)
+            needed |= names(block)
+    return "\n\n".join(reversed(kept)) + "\n\n"
+
+
 def _script(name: str, body: str) -> Script:
     prelude = (
-        _PRELUDE.replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
+        _prelude_for(body).replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
         .replace("__SLACK__", str(layout.EXPIRY_SLACK_MS))
         .replace("__REPLAY_MAX__", str(layout.REPLAY_MAX))
         .replace("__HEADROOM__", str(layout.INDEX_HEADROOM_MS))
