@@ -191,14 +191,16 @@ local function rate_take(bucket, spec)
 end
 
 -- Replay records: 'digest:fingerprint:at:part2,part3,...', the reply's
--- parts after its status, valid until at + the window. A session keeps
--- those of its mutating requests in its field q (';'-separated, newest
--- first, REPLAY_MAX at most); create and close keep theirs in the index.
+-- parts after its status (a part that is the request's own time is left
+-- out: it is at), valid until at + the window. A session keeps those of its
+-- mutating requests in its field q (';'-separated, newest first, REPLAY_MAX
+-- at most); create and close keep theirs in the index, each short enough
+-- (64 bytes at most) for the index to stay a listpack.
 local function replay_parse(rec, fp)
   local got, at, parts = string.match(rec, '^(%x+):(%d+):(.*)$')
   if not got or tonumber(at) + tonumber(ARGV[3]) <= now then return nil end
   if got ~= fp then return {'REUSED'} end
-  local out = {'OK'}
+  local out = {'OK', at = at}
   for p in string.gmatch(parts, '[^,]+') do out[#out + 1] = p end
   return out
 end
@@ -226,24 +228,21 @@ local function replay_parts(reply, n)
   return table.concat(parts, ',')
 end
 
--- q with this request's record in front, REPLAY_MAX records at most, and
--- the expired ones dropped. Records are newest first, so the walk stops at
--- the first expired one (all after it are older).
+-- q with this request's record in front and REPLAY_MAX records at most.
+-- Records are newest first: when the newest has expired, so have all the
+-- others, and q starts afresh; otherwise the oldest give way by count (an
+-- expired record kept behind a live one is never answered: replay_parse).
 local function replay_add(q, reply, n)
   local head = string.format('%s:%d:%s', ARGV[2], now, replay_parts(reply, n))
   if not q then return head end
-  local oldest = now - tonumber(ARGV[3])
-  local pos, kept = 1, 1
-  while kept < REPLAY_MAX do
-    local at = tonumber(string.match(q, '^%x+:%x+:(%d+):', pos))
-    if not at or at <= oldest then break end
-    kept = kept + 1
-    local e = string.find(q, ';', pos, true)
-    if not e then pos = #q + 2; break end
-    pos = e + 1
+  local at = tonumber(string.match(q, '^%x+:%x+:(%d+):'))
+  if not at or at + tonumber(ARGV[3]) <= now then return head end
+  local e = 0
+  for _ = 2, REPLAY_MAX do
+    e = string.find(q, ';', e + 1, true)
+    if not e then return head .. ';' .. q end
   end
-  if pos <= 1 then return head end
-  return head .. ';' .. string.sub(q, 1, pos - 2)
+  return head .. ';' .. string.sub(q, 1, e - 1)
 end
 
 -- The index-held record of a create or close: field '!q<digest>'.
@@ -480,7 +479,7 @@ if qf and idx[qf] then
   local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
   if r and r[1] == 'REUSED' then return r end
   -- The record keeps the id's random part and the time; the rest follows.
-  if r then return {'OK', chash .. '.' .. r[2], tonumber(r[3]), tonumber(r[3]) + to * 1000} end
+  if r then return {'OK', chash .. '.' .. r[2], tonumber(r.at), tonumber(r.at) + to * 1000} end
 end
 if live >= tonumber(ARGV[9]) then return {'LIMIT', live} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'COLLISION'} end
@@ -493,7 +492,7 @@ chunked('HDEL', KEYS[2], dead)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
 index_write(m, moved, idx)
-if qf then index_replay_save(qf, {'OK', string.sub(sid, 18), now}, 3) end
+if qf then index_replay_save(qf, {'OK', string.sub(sid, 18)}, 2) end
 idx_flush(idx)
 return {'OK', sid, now, m.xe}
 """,
@@ -568,7 +567,7 @@ if not m then return {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then
   if r[1] == 'REUSED' then return r end
-  return untouched(r)
+  return untouched({'OK', r[2], r.at})
 end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
 local before, keys_before = cost(m), m.sn
@@ -638,7 +637,7 @@ local moved = refresh(m)
 local reply = {'OK', m.v, now}
 local q_new = false
 if ARGV[2] ~= '' then
-  sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 3)
+  sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2)  -- v (lm is at)
   q_new = m.q == nil
 end
 if replace then
