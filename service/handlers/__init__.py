@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -26,10 +26,12 @@ class Command:
     params: type[BaseModel]
     handler: Callable[[Any, Ctx], Plan]
     reply: Reply = "small"
+    # The envelope form's name (CreateSession): every reply carries it.
+    pascal: str = field(init=False)
 
-    @property
-    def pascal(self) -> str:
-        return "".join(part.capitalize() for part in self.name.split("_"))
+    def __post_init__(self) -> None:
+        pascal = "".join(part.capitalize() for part in self.name.split("_"))
+        object.__setattr__(self, "pascal", pascal)
 
     def reply_bound(self, settings: Settings) -> int:
         """The most bytes this command's reply can take under these settings:
