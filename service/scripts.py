@@ -217,7 +217,7 @@ local function replay_lookup(q)
   return replay_parse(string.sub(q, s + 17, (e or 0) - 1), string.sub(ARGV[2], 18))
 end
 
--- Integers through '%d' (see META_FORMAT), anything else as it is.
+-- Integers through '%d' (see pack_meta), anything else as it is.
 local function replay_parts(reply, n)
   local parts = {}
   for i = 2, n do
@@ -256,36 +256,11 @@ local function index_replay_save(f, reply, n)
   idx_need(now + tonumber(ARGV[3]))
 end
 
--- The metadata (layout.META, then the client id), packed in the field m.
-local META = {'xe', 'ke', 'v', 'lm', 'ca', 'to', 'a', 'sn', 'sb', 'sd', 'cb', 'rn', 'ob', 'en',
-  'eo', 'hb', 'wb', 'ib'}
-
--- One anchored match for all of m: a gmatch loop and a second match for the
--- client id cost three times as much Lua time (benchmarks/rediscost.py).
-local META_PATTERN = '^' .. string.rep('(%d+),', #META) .. '(.*)$'
-
-local function unpack_meta(packed)
-  local got = {string.match(packed, META_PATTERN)}
-  local m = {c = got[#META + 1]}
-  for i = 1, #META do m[META[i]] = got[i] + 0 end  -- '+ 0': tonumber without a call
-  return m
-end
-
--- One string.format for all of m: '%d' is several times faster than the
--- number-to-string conversion that table.concat applies (%.14g).
-local META_FORMAT = string.rep('%d,', #META) .. '%s'
-local function pack_meta(m)
-  local out = {}
-  for i = 1, #META do out[i] = m[META[i]] end
-  out[#META + 1] = m.c
-  return string.format(META_FORMAT, unpack(out))
-end
+__META_CODE__
 
 -- A session the previous release wrote (separate metadata fields): its
 -- counters from the fields themselves. Its next write stores it in this
 -- release's layout (session_write).
-local LEGACY = {'c', 'ca', 'lm', 'to', 'v', 'a', 'sb', 'xb', 'rn', 'en', 'eo', 'cn'}
-
 local function legacy_meta()
   local o = redis.call('HMGET', KEYS[1], 'c', 'ca', 'lm', 'to', 'v', 'a', 'en', 'eo')
   if not o[1] then return nil end
@@ -360,7 +335,7 @@ local function session_write(m, sets)
   for i = 1, #sets do all[#all + 1] = sets[i] end
   local created = chunked('HSET', KEYS[1], all)
   if m.legacy then
-    redis.call('HDEL', KEYS[1], unpack(LEGACY))
+    redis.call('HDEL', KEYS[1], __LEGACY_FIELDS__)
     created = created - 1  -- m itself
   end
   return created
@@ -408,6 +383,29 @@ local function client_refresh(skip)
   return live
 end
 """
+
+
+def _meta_code() -> str:
+    """unpack_meta and pack_meta, unrolled over layout.META: one anchored
+    match and one string.format, no table of names walked per call (a gmatch
+    loop and %.14g conversions cost three times as much Lua time)."""
+    names = layout.META
+    pattern = "^" + "(%d+)," * len(names) + "(.*)$"
+    fields = ", ".join(f"{n} = {n} + 0" for n in names)  # '+ 0': tonumber without a call
+    return f"""-- The metadata (layout.META, then the client id), packed in the field m.
+local function unpack_meta(packed)
+  local {", ".join(names)}, c = string.match(packed, '{pattern}')
+  return {{{fields}, c = c}}
+end
+
+local function pack_meta(m)
+  return string.format('{"%d," * len(names)}%s', {", ".join("m." + n for n in names)}, m.c)
+end"""
+
+
+_PRELUDE = _PRELUDE.replace("__META_CODE__", _meta_code()).replace(
+    "__LEGACY_FIELDS__", ", ".join(f"'{f}'" for f in layout.LEGACY_META)
+)
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
