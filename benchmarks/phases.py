@@ -36,21 +36,17 @@ class MemoryResult:
     sessions: int
     state_bytes: int  # encoded state per session
     used_before: int
-    used_loaded: int  # right after loading, replay records still alive
-    used_settled: int  # after the replay records are gone
-    replay_records: int
+    used_loaded: int  # after the creates and updates, their replay records included
     create: RunResult
     update: RunResult
     breakdown: dict[str, float]  # bytes per session, by kind of key (MEMORY USAGE)
     session_encoding: str  # OBJECT ENCODING of a session hash
 
     @property
-    def per_session_loaded(self) -> float:
-        return (self.used_loaded - self.used_before) / max(1, self.sessions)
-
-    @property
     def per_session(self) -> float:
-        return (self.used_settled - self.used_before) / max(1, self.sessions)
+        """Everything included: the session, its index entry and bucket
+        members, and the replay records of its create and its update."""
+        return (self.used_loaded - self.used_before) / max(1, self.sessions)
 
 
 def populate(stack: Stack, count: int, client_prefix: str, seconds: float,
@@ -140,19 +136,26 @@ def repeats(stack: Stack, cfg: Config, targets: workload.Targets,
     return results
 
 
-def delete_replay_records(stack: Stack) -> int:
-    """What the replay window (120 s) would do on its own: drop every
-    request record, leaving only what sessions cost."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in stack.redis.scan_iter(match="stui:*:r:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            deleted += int(stack.redis.unlink(*batch))
-            batch = []
-    if batch:
-        deleted += int(stack.redis.unlink(*batch))
-    return deleted
+def every_command(stack: Stack, cfg: Config, targets: workload.Targets,
+                  progress: Progress) -> list[RunResult]:
+    """Every command the matrix leaves out, through the front worker only,
+    DEALER with the most requests in flight: its Redis time and inner calls
+    per request (INFO commandstats) and the front's CPU. close_session comes
+    last: it ends the target sessions."""
+    results: list[RunResult] = []
+    inflight = max(cfg.inflights)
+    for n, op in enumerate(workload.OTHER_OPS, 1):
+        if op == "close_session":
+            # No warm-up: each target session can be closed once.
+            with LoadGen(stack.ctx, stack.front_endpoint, "DEALER", inflight) as lg:
+                bodies = workload.bodies_for(op, len(targets.session_ids), targets)
+                result, _ = measured(stack, "front", op, "DEALER", inflight, lg, bodies,
+                                     cfg.run_seconds)
+        else:
+            result = measure_one(stack, cfg, targets, op, "DEALER", inflight, "front")
+        results.append(result)
+        progress(f"[{n:2d}/{len(workload.OTHER_OPS)}] {result.line()}")
+    return results
 
 
 def _sampled_usage(stack: Stack, pattern: str, limit: int) -> tuple[float, str]:
@@ -194,14 +197,11 @@ def memory_and_statistics(stack: Stack, cfg: Config,
     loaded = stack.used_memory()
     stats = statistics_latency(stack, cfg)
     progress(stats.line())
-    replay = delete_replay_records(stack)
-    settled = stack.used_memory()
     state_bytes = len(codec.dumps(workload.state_data(0)))
     clients = -(-len(sids) // workload.SESSIONS_PER_CLIENT)
     breakdown, encoding = memory_breakdown(stack, len(sids), clients)
-    memory = MemoryResult(len(sids), state_bytes, before, loaded, settled, replay, create, update,
-                          breakdown, encoding)
-    progress(f"memory at {memory.sessions:,} sessions: {memory.per_session:,.0f} B/session "
-             f"({memory.per_session_loaded:,.0f} B/session before {replay:,} replay records "
-             f"expired)")
+    memory = MemoryResult(len(sids), state_bytes, before, loaded, create, update, breakdown,
+                          encoding)
+    progress(f"memory at {memory.sessions:,} sessions: {memory.per_session:,.0f} B/session, "
+             f"everything included ({encoding} session hashes)")
     return memory, stats

@@ -31,6 +31,7 @@ from benchmarks.common import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).resolve().parent / "rediscost_probe.py"
+RESULTS_JSON = REPO / "benchmarks" / "results" / "rediscost.json"
 HEADER = (
     "| command | Redis us, {against} | Redis us, this tree | ratio "
     "| inner calls, {against} | inner calls, this tree | script calls |\n"
@@ -54,29 +55,61 @@ def fixed_costs(rounds: int = 3, calls: int = 3000) -> dict[str, float]:
     from service import scripts
     from workers.embedded_redis import EmbeddedRedis
 
-    prelude = scripts.RATE.source.split("-- The rate limit alone")[0]
+    prelude = scripts.UPDATE.source.split("local replace = ARGV[8]")[0]
     cases = {
         "EVALSHA of `return 1`": "return 1",
         "one redis.call (`TIME`)": "redis.call('TIME') return 1",
         "three redis.call (`TIME`, `HMGET`, `HSET`)": (
             "redis.call('TIME'); redis.call('HMGET', KEYS[1], 'a', 'b', 'c'); "
             "redis.call('HSET', KEYS[1], 'a', '1'); return 1"),
-        "the shared prelude (with its `TIME`), then `return 1`": prelude + "\nreturn 1",
+        "the update script's prelude (its helpers, built on every call, and its `TIME`), "
+        "then `return 1`": prelude + "\nreturn 1",
     }
+    function = ("the same prelude as a Redis Function library (built once, at FUNCTION "
+                "LOAD): FCALL of a function that reads `TIME`, then `return 1`")
     server = EmbeddedRedis().start()
     try:
         r = redis.Redis.from_url(server.url)
         shas = {name: r.script_load(src) for name, src in cases.items()}
         found: dict[str, list[float]] = {name: [] for name in cases}
+        has_functions = int(str(r.info("server")["redis_version"]).split(".")[0]) >= 7
+        if has_functions:
+            r.function_load(_as_library(prelude), replace=True)
+            found[function] = []
+        args = ("k", "k", "", "", "0", "", "abc", "")
         for _ in range(rounds):
             for name, sha in shas.items():
                 r.config_resetstat()
                 for _ in range(calls):
-                    r.evalsha(sha, 2, "k", "k", "", "", "0", "", "abc", "")
+                    r.evalsha(sha, 2, *args)
                 found[name].append(float(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+            if has_functions:
+                r.config_resetstat()
+                for _ in range(calls):
+                    r.fcall("noop", 2, *args)
+                found[function].append(float(r.info("commandstats")["cmdstat_fcall"]["usec_per_call"]))
     finally:
         server.stop()
     return {name: statistics.median(v) for name, v in found.items()}
+
+
+def _as_library(prelude: str) -> str:
+    """The prelude as a Function library: its helpers defined once, the
+    per-call values (KEYS, ARGV, the clock) set by the function itself."""
+    lib = prelude.replace("local sid, chash = ARGV[4], ARGV[5]",
+                          "local KEYS, ARGV, now, sid, chash, idx_sets, idx_until")
+    lib = lib.replace("local t = redis.call('TIME')\n"
+                      "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)", "")
+    lib = lib.replace("local idx_sets, idx_until = {}, 0", "")
+    return ("#!lua name=stui_rediscost\n" + lib + """
+redis.register_function('noop', function(keys, args)
+  KEYS, ARGV, sid, chash = keys, args, args[4], args[5]
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  idx_sets, idx_until = {}, 0
+  return 1
+end)
+""")
 
 
 def median_of(runs: list[dict[str, Any]], command: str, figure: str) -> float:
@@ -114,13 +147,14 @@ read (64 script calls of two `ZCOUNT`s each), shown per script call.
 ## What any script costs here
 
 Redis time per `EVALSHA` (3,000 calls, median of 3 rounds) of scripts that
-do nothing of their own. On this machine a script call costs about 5 us
-before it does anything, each `redis.call` a few more, and the shared
-prelude (its helpers rebuilt on every call, and its `TIME`) about as much as
-five calls. Halving the inner calls moved the totals above little: the Lua
-work that the packed fields moved into the script (parsing and packing the
-metadata, walking the replay records, the bucket string) costs about what
-the calls it replaced did.
+do nothing of their own: what a script call costs before its own work, each
+`redis.call`, and the update script's prelude, whose helpers Lua builds
+again on every call (closures and tables). The last row is that prelude as
+a Redis Function library, built once: what Functions would save per call.
+The service does not use them: the saving is a few microseconds against
+the update script's total above, and Functions need Redis 7, a `FUNCTION
+LOAD` on every primary (and again after a restart without persistence),
+and a fallback to scripts for Redis 6.2.
 
 | script | Redis us per call |
 |---|---:|
@@ -162,6 +196,14 @@ def main() -> None:
     args.output.write_text(
         report(args.against, old, new, time.monotonic() - started, info, fixed))
     progress(f"wrote {args.output}")
+    # The figures, for benchmarks.report (docs/benchmarks.md shows them beside its own).
+    medians = {command: {f"{tree}_{figure}": median_of(runs, command, figure)
+                         for tree, runs in (("old", old), ("new", new))
+                         for figure in ("usec", "calls")}
+               for command in new[0]["found"]}
+    RESULTS_JSON.write_text(json.dumps({"against": args.against, "date": info["date"],
+                                        "commands": medians, "fixed": fixed}, indent=1) + "\n")
+    progress(f"wrote {RESULTS_JSON}")
 
 
 if __name__ == "__main__":

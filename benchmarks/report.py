@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
+from benchmarks.common import RESULTS
 from benchmarks.measure import Config, RunResult
 from benchmarks.phases import STATS_WARMUP, MemoryResult, StatsResult
-from benchmarks.targets import Target, commands_per_op, pair, pairs, ratio
-from benchmarks.workload import OPS
+from benchmarks.stages import STAGES
+from benchmarks.targets import Target, commands_per_op, inner_calls, pair, pairs, ratio, redis_us
+from benchmarks.workload import OPS, OTHER_OPS
 
 
 @dataclass
@@ -23,6 +27,19 @@ class Run:
     targets: list[Target]
     duration_s: float
     chart: str  # file name, relative to the report
+    others: list[RunResult] = field(default_factory=list)  # phases.every_command
+    stages: dict[str, Any] | None = None  # benchmarks.stages.measure
+    memory_scale: list[dict[str, Any]] = field(default_factory=list)  # benchmarks.memscale
+    rediscost: dict[str, Any] | None = None  # the last benchmarks.rediscost run, if any
+
+
+def load_rediscost() -> dict[str, Any] | None:
+    """benchmarks/results/rediscost.json, written by benchmarks.rediscost."""
+    path = RESULTS / "rediscost.json"
+    if not path.exists():
+        return None
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
 
 
 TEMPLATE = """\
@@ -61,9 +78,12 @@ The two update targets are judged on the median over {pairs_n} front/echo pairs
 (the matrix pair plus {repeats} repeated pair(s), each back to back); the pairs are
 listed below the table.
 
-| target | goal | measured | verdict |
-|---|---|---|---|
+| target | goal | before | measured | verdict |
+|---|---|---|---|---|
 {targets}
+
+"Before" is what the lean request path's issue measured when it was filed
+(its table's "now"), on this kind of machine.
 
 | pair | socket | front req/s | echo req/s | x echo | front+Redis CPU us | echo CPU us | x echo |
 |---:|---|---:|---:|---:|---:|---:|---:|
@@ -73,33 +93,7 @@ listed below the table.
 
 This is analysis of the figures below, not a measurement of its own.
 
-- **CPU per update (and with it throughput).** Redis alone spends two to
-  four times the CPU per update (the table below) that the whole echo
-  server spends per request (30 to 45 us). The packed layout
-  (`service/layout.py`) cut the update script's inner calls from 17 to 7
-  (`TIME`, one `HMGET` and one `HSET` of the session and of the client
-  index, the two exact index scores), but that did not lower its Redis
-  time: on this machine a script call has a fixed cost that the calls do
-  not explain (an `EVALSHA` of `return 1` takes about 5 us, each
-  `redis.call` about 3 us, the shared prelude about 9 us; see
-  [benchmarks-rediscost.md](benchmarks-rediscost.md), which measures every
-  command against the previous layout in one run), and the work the
-  packed fields moved into Lua (parsing and packing `m`, the replay
-  records, the bucket string) costs about what the calls it replaced did.
-  What remains to try, measured: Redis Functions (`FUNCTION LOAD`, Redis
-  7), whose library is loaded once instead of its helpers being rebuilt
-  on each call; fewer string operations per script; and, on the front,
-  one validation, no second serialization for the fingerprint and
-  decoding the next batch while Redis works on this one. The Python
-  front still spends three to four times the echo server's CPU.
-- **Memory per session.** A 1 KB state value is longer than Redis'
-  `hash-max-listpack-value` (64 bytes), so the session hash uses the
-  hashtable encoding, where each field costs a dictionary entry. The
-  metadata is now one field (`m`) and the replay records live in the
-  session hash and the client index instead of keys of their own, which
-  took the figure with replay records from 2,829 B to the one above; the
-  rest is the state itself, the key and its expiry entry, the `exp`
-  zset's member and the client index entry.
+{why}
 {stats_note}
 ## Throughput and latency
 
@@ -140,28 +134,29 @@ script does. (Our own `INFO` calls are left out.)
 ## Redis memory per session
 
 {mem_n:,} sessions ({mem_clients:,} clients x 5) created through the front worker
-with DEALER, 64 in flight, then one {state_bytes} B state update each;
-`INFO memory` `used_memory` before and after, divided by the sessions.
-Every mutating request with an id also leaves a replay record for the replay
-window (120 s by default); the benchmark deletes those records (what their
-expiry would do) and reads `used_memory` again, which is the steady-state
-figure the target is judged on. The "of which" rows split it by kind of key
-(`MEMORY USAGE`). Redis keeps a hash in the compact listpack encoding only
-while every value is at most `hash-max-listpack-value` bytes (64 by default),
-so a session hash holding a 1 KB state value is a hashtable.
+with DEALER, 64 in flight, then one {state_bytes} B state update each, every
+request with an id; `INFO memory` `used_memory` before and after, divided by
+the sessions: everything included, the replay records of each create (in the
+client index) and update (in the session hash) too. The "of which" rows split
+it by kind of key (`MEMORY USAGE`). Redis keeps a hash in the compact
+listpack encoding while every value is at most `hash-max-listpack-value`
+bytes; the embedded Redis sets 2048 (docs/operations.md, "Redis"), so a
+session hash with a 1 KB state value is a listpack.
 
 | | value |
 |---|---:|
 | sessions | {mem_n:,} |
 | state per session (encoded JSON) | {state_bytes:,} B |
 | used_memory before | {mem_before:,} B |
-| used_memory after loading (with {replay:,} replay records) | {mem_loaded:,} B |
-| used_memory after the replay records are gone | {mem_settled:,} B |
-| **per session, steady state** | **{per_session:,.0f} B** |
-| per session while the replay records last | {per_session_loaded:,.0f} B |
+| used_memory after loading | {mem_loaded:,} B |
+| **per session, everything included** | **{per_session:,.0f} B** |
 {breakdown}
 | bulk create, DEALER x64 | {create_rate:,.0f} req/s, {create_cpu:.0f} us CPU/req |
 | bulk 1 KB update, DEALER x64 | {update_rate:,.0f} req/s, {update_cpu:.0f} us CPU/req |
+
+### At scale
+
+{scale}
 
 ## get_session_statistics latency
 
@@ -177,6 +172,28 @@ front worker and the round trip.
 | live sessions | p50 ms | p99 ms | in Redis, ms per call | Redis commands per call | errors |
 |---:|---:|---:|---:|---:|---:|
 {stats}
+
+## Redis time and calls per command
+
+Every command through the front worker, DEALER with {inflight} in flight
+(the matrix's drives for the commands above, one drive each for the others):
+Redis' own time in the script per request (`INFO commandstats` `usec` of
+`EVALSHA`, the time the request holds the shard), the commands the script
+ran inside, and the front's CPU per request.{rediscost_note}
+
+{per_command}
+
+## The front's CPU per request, stage by stage
+
+`python -m benchmarks.stages` (run here as the last phase): the
+dispatcher's own functions run one stage at a time on batches of 64
+requests against a private Redis, in this process, each timed with the
+process's CPU clock (us per request, the lowest of the rounds). "Dispatcher"
+is the same batches through `Dispatcher.handle`; "front worker" is the front
+process's CPU per request in this run's DEALER x{inflight} drive, and
+"ZeroMQ and loop" the difference: receiving, sending, the outbox, metrics.
+
+{stages}
 
 ## Machine
 
@@ -207,7 +224,7 @@ CPU_HEADER = "\n".join([
 
 def _target_row(t: Target) -> str:
     verdict = f"**{t.verdict}**"
-    return f"| {t.name} | {t.goal} | {t.measured} | {verdict} |"
+    return f"| {t.name} | {t.goal} | {t.before} | {t.measured} | {verdict} |"
 
 
 def _throughput_rows(run: Run) -> list[str]:
@@ -271,6 +288,130 @@ def _pair_rows(run: Run) -> list[str]:
     return rows
 
 
+def _front_run(run: Run, op: str) -> RunResult | None:
+    n = max(run.config.inflights)
+    for r in run.results + run.others:
+        if (r.server, r.op, r.kind, r.inflight) == ("front", op, "DEALER", n):
+            return r
+    return None
+
+
+def _per_command(run: Run) -> str:
+    cost = (run.rediscost or {}).get("commands", {})
+    against = (run.rediscost or {}).get("against", "")
+    head = ("| command | Redis us per request | inner calls per request | front CPU us "
+            "| requests |")
+    rule = "|---|---:|---:|---:|---:|"
+    if cost:
+        head += f" quiet probe: {against} us | quiet probe: this tree us | calls, {against} |"
+        rule += "---:|---:|---:|"
+    rows = [head, rule]
+    for op in (*OPS, *OTHER_OPS):
+        r = _front_run(run, op)
+        if r is None:
+            continue
+        row = (f"| {op} | {redis_us(r):.1f} | {inner_calls(r):.1f} | {r.server_cpu_us:.0f} | "
+               f"{r.answered:,} |")
+        if cost:
+            c = cost.get(op)
+            row += (f" {c['old_usec']:.1f} | {c['new_usec']:.1f} | {c['old_calls']:.1f} |"
+                    if c else " | | |")
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def _stages(run: Run) -> str:
+    if not run.stages:
+        return "(not measured in this run)"
+    rows = ["| command | " + " | ".join(STAGES) + " | sum | Dispatcher | front worker "
+            "| ZeroMQ and loop | Redis CPU (INFO cpu) |",
+            "|---|" + "---:|" * (len(STAGES) + 5)]
+    for op, f in run.stages["commands"].items():
+        front = _front_run(run, op)
+        worker = f"{front.server_cpu_us:.0f}" if front else ""
+        zmq_part = f"{front.server_cpu_us - f['handle']:.0f}" if front else ""
+        rows.append(f"| {op} | " + " | ".join(f"{f['stages'][s]:.1f}" for s in STAGES)
+                    + f" | {f['sum']:.1f} | {f['handle']:.1f} | {worker} | {zmq_part} | "
+                    f"{f['redis_cpu']:.1f} |")
+    return "\n".join(rows)
+
+
+def _scale(run: Run) -> str:
+    if not run.memory_scale:
+        return "(not measured in this run)"
+    rows = ["`python -m benchmarks.memscale` (run here as phase 5): the same sessions "
+            "(5 per client, one 1 KB update each, every request with an id), written "
+            "through the dispatcher in this process in batches of 256.", "",
+            "| sessions | used_memory | per session, everything included |",
+            "|---:|---:|---:|"]
+    for row in run.memory_scale:
+        rows.append(f"| {row['sessions']:,} | {row['used_memory'] / 2**20:,.0f} MiB | "
+                    f"{row['per_session']:,.0f} B |")
+    return "\n".join(rows)
+
+
+def _why(run: Run) -> str:
+    """The reasons for the missed targets, from this run's own figures."""
+    out = []
+    n = max(run.config.inflights)
+    cpus = int(run.machine["cpus (nproc)"])
+    missed = {t.name for t in run.targets if not t.met}
+    cpu_missed = any(name.startswith(("front+Redis CPU", "update throughput"))
+                     for name in missed)
+    for kind in run.config.kinds:
+        p = pair(run.results, "update_session_state", kind, n)
+        if p is None or not cpu_missed:
+            continue
+        f, e = p
+        floor = 2.5 * e.server_cpu_us
+        out.append(
+            f"- **CPU per update, {kind} x{n}.** The echo server spends "
+            f"{e.server_cpu_us:.0f} us per request; 2.5 times that is {floor:.0f} us for the "
+            f"front and Redis together. Redis alone spends {f.redis_cpu_us:.0f} us per update "
+            f"(its script {redis_us(f):.0f} us of it), which leaves {floor - f.redis_cpu_us:.0f} "
+            f"us for a front that must do at least what the echo server does (ZeroMQ, "
+            f"parsing the request, encoding the reply) and more: it spends "
+            f"{f.server_cpu_us:.0f} us.")
+        # The front is one thread: its share of a CPU in this drive, and the
+        # most it could serve if it never waited (Redis answering while it
+        # decodes the next batch).
+        front_share = f.server_cpu_us * f.throughput / 1e6
+        ceiling = 1e6 / f.server_cpu_us if f.server_cpu_us else float("nan")
+        busy = (f.total_cpu_us + f.loadgen_cpu_us) * f.throughput / 1e6
+        out.append(
+            f"- **Throughput, {kind} x{n}.** The front worker is one thread, busy "
+            f"{front_share:.0%} of the drive ({f.server_cpu_us:.0f} us x "
+            f"{f.throughput:,.0f} req/s); the rest of the time it waits for Redis or for "
+            f"requests. Overlapping that wait (decoding the next batch while Redis runs "
+            f"this one, not built) could at best keep it busy all the time: "
+            f"{ceiling:,.0f} req/s, {ratio(ceiling, e.throughput):.2f}x the echo server's "
+            f"{e.throughput:,.0f} req/s, and by then the front, Redis and the load generator "
+            f"would need {busy / front_share:.1f} of the machine's {cpus} CPUs. The ratio "
+            f"follows the front's CPU per request.")
+    if run.stages and cpu_missed:
+        upd = run.stages["commands"].get("update_session_state")
+        if upd:
+            st = upd["stages"]
+            biggest = sorted(STAGES, key=lambda k: -st[k])[:3]
+            out.append(
+                "- **Where the front's time goes** (the stage table below): "
+                + ", ".join(f"{k} {st[k]:.1f} us" for k in biggest)
+                + f" of {upd['sum']:.1f} us in the dispatcher; the rest of the front worker's "
+                "CPU is ZeroMQ and its loop. Every stage is already a few microseconds of "
+                "library calls (orjson, pydantic-core, hiredis, blake2b); what is left to cut "
+                "is Python's own per-call cost, which a front in Python cannot shed.")
+    for t in run.targets:
+        if t.met or not t.name.startswith("Redis memory"):
+            continue
+        out.append(f"- **Memory per session.** {t.measured}: see the breakdown below.")
+    for t in run.targets:
+        if t.met or not t.name.startswith(("Redis time", "Redis calls")):
+            continue
+        out.append(f"- **{t.name}.** {t.measured}; the quiet figures of "
+                   "`benchmarks.rediscost` and the per-command table below show where.")
+    return "\n".join(out) if out else "Every target is met."
+
+
 def render(run: Run) -> str:
     m, cfg = run.memory, run.config
     quick = ("\n\n**This is a `--quick` smoke run**: short drives and "
@@ -309,8 +450,14 @@ def render(run: Run) -> str:
                f"{m.per_session - sum(m.breakdown.values()):,.0f} B |",
                f"| encoding of a session hash | {m.session_encoding} |"]),
         mem_n=m.sessions, mem_clients=(m.sessions + 4) // 5, mem_before=m.used_before,
-        mem_loaded=m.used_loaded, mem_settled=m.used_settled, replay=m.replay_records,
-        per_session=m.per_session, per_session_loaded=m.per_session_loaded,
+        mem_loaded=m.used_loaded, per_session=m.per_session, why=_why(run),
+        scale=_scale(run), per_command=_per_command(run), stages=_stages(run),
+        inflight=max(cfg.inflights),
+        rediscost_note=(
+            f" The last three columns are `benchmarks.rediscost --against "
+            f"{run.rediscost['against']}` ({run.rediscost['date']}): the previous layout and "
+            "this tree, 300 typical requests each against a quiet Redis, in one run."
+            if run.rediscost else ""),
         create_rate=m.create.throughput, create_cpu=m.create.total_cpu_us,
         update_rate=m.update.throughput, update_cpu=m.update.total_cpu_us,
         stats_calls=cfg.stats_calls, stats_warmup=STATS_WARMUP, stats="\n".join(stats),

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import chart, machine, phases, report, targets
+from benchmarks import chart, machine, memscale, phases, report, stages, targets
 from benchmarks.common import Progress, plain
 from benchmarks.measure import FULL, QUICK, Config
 from benchmarks.servers import REPO, Stack
@@ -35,10 +35,12 @@ def write_json(run: report.Run, path: Path) -> None:
         "machine": run.machine,
         "targets": [{**asdict(t), "verdict": t.verdict} for t in run.targets],
         "statistics": {"small": asdict(run.small), "large": asdict(run.large)},
-        "memory": {**asdict(run.memory), "per_session": run.memory.per_session,
-                   "per_session_loaded": run.memory.per_session_loaded},
+        "memory": {**asdict(run.memory), "per_session": run.memory.per_session},
         "runs": [asdict(r) for r in run.results],
         "repeated_runs": [asdict(r) for r in run.repeated],
+        "other_commands": [asdict(r) for r in run.others],
+        "stages": run.stages,
+        "memory_scale": run.memory_scale,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plain(data), indent=1, allow_nan=False) + "\n")
@@ -51,20 +53,29 @@ def measure_all(cfg: Config, command: str, progress: Progress) -> report.Run:
         info = machine.describe(stack.server_version())
         progress(f"redis {info['redis-server']} at {stack.redis_server.url}, front at "
                  f"{stack.front_endpoint}, echo at {stack.echo_endpoint}")
-        progress(f"phase 1/4: get_session_statistics at {cfg.small_sessions:,} sessions")
+        progress(f"phase 1/6: get_session_statistics at {cfg.small_sessions:,} sessions")
         small = phases.statistics_at_small(stack, cfg, progress)
-        progress(f"phase 2/4: preparing {cfg.target_sessions:,} target sessions")
+        progress(f"phase 2/6: preparing {cfg.target_sessions:,} target sessions")
         goals = phases.prepare_targets(stack, cfg, progress)
-        progress("phase 3/4: command matrix, front worker vs echo server")
+        progress("phase 3/6: command matrix, front worker vs echo server")
         results = phases.matrix(stack, cfg, goals, progress)
-        progress(f"phase 3b/4: {cfg.repeats} more front/echo pairs of update x64")
+        progress(f"phase 3b/6: {cfg.repeats} more front/echo pairs of update x64")
         repeated = phases.repeats(stack, cfg, goals, progress)
-        progress(f"phase 4/4: memory and statistics at {cfg.memory_sessions:,} sessions")
+        progress("phase 3c/6: every other command through the front worker")
+        others = phases.every_command(stack, cfg, goals, progress)
+        progress(f"phase 4/6: memory and statistics at {cfg.memory_sessions:,} sessions")
         memory, large = phases.memory_and_statistics(stack, cfg, progress)
+        sizes = memscale.QUICK_SIZES if cfg.quick else memscale.FULL_SIZES
+        progress(f"phase 5/6: memory per session at {', '.join(f'{n:,}' for n in sizes)} "
+                 "sessions")
+        scale = memscale.measure(stack.redis_server.url, sizes, progress)
+    progress("phase 6/6: the front's CPU per request, stage by stage (in this process)")
+    split = stages.measure(cfg.quick, progress)
     verdicts = targets.evaluate(results, repeated, cfg.kinds, max(cfg.inflights), memory,
-                                small, large)
+                                small, large, others)
     return report.Run(command, cfg, info, results, repeated, small, large, memory, verdicts,
-                      time.monotonic() - started, "benchmarks.png")
+                      time.monotonic() - started, "benchmarks.png", others, split, scale,
+                      report.load_rediscost())
 
 
 def main(argv: list[str] | None = None) -> int:

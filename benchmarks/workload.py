@@ -99,6 +99,65 @@ def statistics_bodies(count: int) -> list[Body]:
     return [body(f"{tag}-{n}", "get_session_statistics", {}) for n in range(count)]
 
 
+# Every other command, for its Redis time per request (benchmarks.phases.
+# every_command); close_session last, as it ends the target sessions.
+OTHER_OPS = (
+    "save_context",
+    "load_context",
+    "get_context_summary",
+    "record_evaluation",
+    "register_object",
+    "release_object",
+    "clear_context",
+    "ping",
+    "get_session_statistics",
+    "close_session",
+)
+CONTEXT = {"workspace_context": {"variables": {"result": 5050}, "selection": [3, 12]},
+           "inspector_state": {"object": "a Point", "history": ["3 @ 4"]}}
+
+
+def _per_session(command: str, params: Callable[[int], dict[str, Any]]
+                 ) -> Callable[[int, Targets], list[Body]]:
+    def make(count: int, targets: Targets) -> list[Body]:
+        tag = fresh_tag(command[:3])
+        sids = targets.session_ids
+        return [body(f"{tag}-{n}", command, {"session_id": sids[n % len(sids)], **params(n)})
+                for n in range(count)]
+
+    return make
+
+
+_OTHER: dict[str, Callable[[int, Targets], list[Body]]] = {
+    "save_context": _per_session("save_context", lambda n: {"context": CONTEXT}),
+    "load_context": _per_session("load_context", lambda n: {}),
+    "get_context_summary": _per_session("get_context_summary", lambda n: {}),
+    "record_evaluation": _per_session("record_evaluation", lambda n: {
+        "code": "(1 to: 100) inject: 0 into: [:a :b | a + b]", "result": 5050}),
+    # Object ids cycle, so the registry stays small and release finds them.
+    "register_object": _per_session("register_object", lambda n: {
+        "object_id": f"o{n % 7}", "description": "a Point (3 @ 4)"}),
+    "release_object": _per_session("release_object", lambda n: {"object_id": f"o{n % 7}"}),
+    "clear_context": _per_session("clear_context", lambda n: {"parts": ["inspector_state"]}),
+    "ping": lambda count, targets: [
+        body(f"{fresh_tag('p')}-{n}", "ping",
+             {"client_id": targets.client_ids[n % len(targets.client_ids)]})
+        for n in range(count)],
+    "get_session_statistics": lambda count, targets: statistics_bodies(count),
+    "close_session": lambda count, targets: close_bodies(count, targets),
+}
+_closed = [0]  # target sessions closed so far in this run
+
+
+def close_bodies(count: int, targets: Targets) -> list[Body]:
+    """One close per target session not closed yet (a second would find it
+    gone), continuing where the last call stopped (the warm-up's)."""
+    sids = targets.session_ids[_closed[0]:][:count]
+    _closed[0] += len(sids)
+    tag = fresh_tag("x")
+    return [body(f"{tag}-{n}", "close_session", {"session_id": sid}) for n, sid in enumerate(sids)]
+
+
 def bodies_for(op: str, count: int, targets: Targets) -> list[Body]:
     if op == "create_session":
         return create_bodies(count, f"bench-{fresh_tag('k')}")
@@ -108,6 +167,8 @@ def bodies_for(op: str, count: int, targets: Targets) -> list[Body]:
         return list_bodies(count, targets)
     if op in ("restore_session", "get_session_info"):
         return _session_bodies(op)(count, targets)
+    if op in _OTHER:
+        return _OTHER[op](count, targets)
     raise ValueError(f"no workload for {op}")
 
 
