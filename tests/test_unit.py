@@ -120,6 +120,35 @@ def test_every_script_has_a_header() -> None:
         assert "KEYS" in body or "ARGV" in body, script.name
 
 
+def test_each_script_carries_every_prelude_helper_it_uses_and_no_other() -> None:
+    """scripts._prelude_for keeps the prelude blocks a body needs: every
+    prelude name a script's code uses is defined in it (else Lua would read
+    an undefined global at run time), and a block nothing uses is left out
+    (each costs closures on every call)."""
+    import re
+
+    from service import scripts
+    from service.scripts import _PRELUDE, _prelude_for
+
+    def code(lua: str) -> str:
+        return re.sub(r"--[^\n]*", "", lua)
+
+    helpers = set(re.findall(r"^local function (\w+)", _PRELUDE, re.MULTILINE))
+    assert {"rate_take", "load_meta", "pack_meta", "replay_add"} <= helpers
+    for script in ALL_SCRIPTS:
+        if "local t = redis.call('TIME')" not in script.source:
+            continue  # not built on the prelude (STATS)
+        defined = set(re.findall(r"^local function (\w+)", script.source, re.MULTILINE))
+        used = set(re.findall(r"[A-Za-z_]\w*", code(script.source))) & helpers
+        assert used <= defined, (script.name, used - defined)
+        for name in defined & helpers:
+            rest = re.sub(rf"^local function {name}\b", "", code(script.source), flags=re.M)
+            assert re.search(rf"\b{name}\b", rest), (script.name, f"{name} is never called")
+    # The INFO script reads; it has no use for the writers of the replay records.
+    info = _prelude_for(scripts.INFO.source.split("get_session_info")[-1])
+    assert "local function replay_add" not in info
+
+
 @pytest.mark.parametrize(
     "text",
     [
