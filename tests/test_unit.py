@@ -476,3 +476,44 @@ def test_a_session_keeps_the_replay_records_of_its_newest_mutations(
     assert again["result"]["version"] == first[-1] + 1
     reused = update("u0", 99)  # same id, other parameters (its record is the newest)
     assert reused["error_type"] == "InvalidRequest" and reused["details"]["field"] == "id"
+
+
+class _FakeRouter:
+    """A ROUTER's send as the Outbox sees it: a full queue (zmq.Again) or a
+    peer that has left (EHOSTUNREACH)."""
+
+    def __init__(self) -> None:
+        self.mode = "full"
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        import errno
+
+        import zmq
+
+        if self.mode == "full":
+            raise zmq.Again()
+        if self.mode == "gone":
+            raise zmq.ZMQError(errno.EHOSTUNREACH)
+        self.sent.append(frame)
+
+
+def test_replies_held_for_a_peer_that_leaves_are_dropped_and_the_outbox_goes_on() -> None:
+    """A peer whose replies wait in the outbox disconnects: the next flush
+    drops each of them once (counted as gone), forgets the peer and keeps
+    serving the others. (It used to raise KeyError, which ended the front.)"""
+    from workers.outbox import Outbox
+
+    sock = _FakeRouter()
+    dropped: list[str] = []
+    outbox = Outbox(sock, 10**6, dropped.append)  # type: ignore[arg-type]
+    outbox.send([b"leaver", b"", b"reply 1"])
+    outbox.send([b"leaver", b"", b"reply 2"])
+    sock.mode = "gone"
+    outbox.flush()
+    assert dropped == ["gone", "gone"]
+    assert not outbox
+    sock.mode = "open"
+    outbox.send([b"other", b"", b"reply 3"])
+    outbox.flush()
+    assert sock.sent == [b"other", b"", b"reply 3"]

@@ -72,22 +72,24 @@ class Outbox:
             while queue:
                 if not self._try(queue[0]):
                     break
+                if peer not in self._queues:  # gone: _try dropped all it held
+                    break
                 self._bytes[peer] -= _size(queue.popleft())
             if not queue and peer in self._queues:
                 del self._queues[peer], self._bytes[peer]
 
     def _try(self, frames: list[bytes]) -> bool:
-        """True when libzmq took the reply (or the peer is gone: nothing to hold)."""
+        """True when libzmq took the reply, or the peer is gone: then every
+        reply held for it (frames, the first of them, included) is dropped."""
         try:
             send_frames(self.sock, frames)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer has left
-            log.debug("reply dropped: %s", exc)
-            self.dropped("gone")
+            log.debug("replies dropped: %s", exc)
             waiting = self._queues.pop(frames[0], None)
             self._bytes.pop(frames[0], None)
-            for _ in waiting or ():
+            for _ in range(len(waiting) if waiting else 1):
                 self.dropped("gone")
         return True
 
