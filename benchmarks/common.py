@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -32,6 +33,14 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     return value
 
+
+
+def save_json(name: str, quick: bool, data: Any) -> Path:
+    """A benchmark's results as JSON, where outputs() says; returns the path."""
+    path = outputs(name, quick)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plain(data), indent=1) + "\n")
+    return path
 
 
 def outputs(name: str, quick: bool) -> tuple[Path, Path]:

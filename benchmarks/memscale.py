@@ -18,13 +18,12 @@ benchmarks/results/memscale.json.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import redis
 
 from benchmarks import workload
-from benchmarks.common import RESULTS, Progress, plain
+from benchmarks.common import Progress, save_json
 from service import codec
 from service.dispatch import Dispatcher
 from service.settings import Settings
@@ -88,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(server.url, QUICK_SIZES if args.quick else FULL_SIZES, progress)
     finally:
         server.stop()
-    path = (RESULTS / "quick" if args.quick else RESULTS) / "memscale.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plain({"sizes": rows}), indent=1) + "\n")
-    progress(f"wrote {path}")
+    progress(f"wrote {save_json('memscale', args.quick, {'sizes': rows})}")
     return 0
 
 

@@ -99,11 +99,16 @@ def prepare_targets(stack: Stack, cfg: Config, progress: Progress) -> workload.T
 
 
 def measure_one(stack: Stack, cfg: Config, targets: workload.Targets, op: str, kind: Kind,
-                inflight: int, server: str) -> RunResult:
+                inflight: int, server: str, warm_up: bool = True) -> RunResult:
+    """One drive after a warm-up; without one (a command that can run only
+    once per target session), of as many requests as there are targets."""
     with LoadGen(stack.ctx, stack.endpoint(server), kind, inflight) as lg:
-        warm = lg.drive(workload.bodies_for(op, cfg.warmup_requests, targets),
-                        cfg.warmup_seconds)
-        bodies = workload.bodies_for(op, planned_count(cfg, warm), targets)
+        count = len(targets.session_ids)
+        if warm_up:
+            warm = lg.drive(workload.bodies_for(op, cfg.warmup_requests, targets),
+                            cfg.warmup_seconds)
+            count = planned_count(cfg, warm)
+        bodies = workload.bodies_for(op, count, targets)
         result, _ = measured(stack, server, op, kind, inflight, lg, bodies, cfg.run_seconds)
     return result
 
@@ -145,14 +150,9 @@ def every_command(stack: Stack, cfg: Config, targets: workload.Targets,
     results: list[RunResult] = []
     inflight = max(cfg.inflights)
     for n, op in enumerate(workload.OTHER_OPS, 1):
-        if op == "close_session":
-            # No warm-up: each target session can be closed once.
-            with LoadGen(stack.ctx, stack.front_endpoint, "DEALER", inflight) as lg:
-                bodies = workload.bodies_for(op, len(targets.session_ids), targets)
-                result, _ = measured(stack, "front", op, "DEALER", inflight, lg, bodies,
-                                     cfg.run_seconds)
-        else:
-            result = measure_one(stack, cfg, targets, op, "DEALER", inflight, "front")
+        # Each target session can be closed once: no warm-up for close.
+        result = measure_one(stack, cfg, targets, op, "DEALER", inflight, "front",
+                             warm_up=op != "close_session")
         results.append(result)
         progress(f"[{n:2d}/{len(workload.OTHER_OPS)}] {result.line()}")
     return results

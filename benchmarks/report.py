@@ -10,7 +10,16 @@ from benchmarks.common import RESULTS
 from benchmarks.measure import Config, RunResult
 from benchmarks.phases import STATS_WARMUP, MemoryResult, StatsResult
 from benchmarks.stages import STAGES
-from benchmarks.targets import Target, commands_per_op, inner_calls, pair, pairs, ratio, redis_us
+from benchmarks.targets import (
+    Target,
+    commands_per_op,
+    find,
+    inner_calls,
+    pair,
+    pairs,
+    ratio,
+    redis_us,
+)
 from benchmarks.workload import OPS, OTHER_OPS
 
 
@@ -289,11 +298,7 @@ def _pair_rows(run: Run) -> list[str]:
 
 
 def _front_run(run: Run, op: str) -> RunResult | None:
-    n = max(run.config.inflights)
-    for r in run.results + run.others:
-        if (r.server, r.op, r.kind, r.inflight) == ("front", op, "DEALER", n):
-            return r
-    return None
+    return find(run.results + run.others, "front", op, "DEALER", max(run.config.inflights))
 
 
 def _per_command(run: Run) -> str:

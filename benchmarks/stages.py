@@ -36,7 +36,7 @@ from typing import Any
 import redis
 
 from benchmarks import machine
-from benchmarks.common import RESULTS, Progress, plain
+from benchmarks.common import Progress, save_json
 from service import store as store_module
 from service.dispatch import Dispatcher
 from service.handlers import lookup
@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = Progress()
     result = measure(args.quick, progress)
-    path = (RESULTS / "quick" if args.quick else RESULTS) / "stages.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plain(result), indent=1) + "\n")
-    progress(f"wrote {path}")
+    progress(f"wrote {save_json('stages', args.quick, result)}")
     return 0
 
 

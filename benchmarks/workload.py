@@ -77,16 +77,6 @@ def update_bodies(count: int, session_ids: list[str]) -> list[Body]:
     ]
 
 
-def _session_bodies(command: str) -> Callable[[int, Targets], list[Body]]:
-    def make(count: int, targets: Targets) -> list[Body]:
-        tag = fresh_tag(command[:3])
-        sids = targets.session_ids
-        return [body(f"{tag}-{n}", command, {"session_id": sids[n % len(sids)]})
-                for n in range(count)]
-
-    return make
-
-
 def list_bodies(count: int, targets: Targets) -> list[Body]:
     tag = fresh_tag("l")
     cids = targets.client_ids
@@ -166,7 +156,7 @@ def bodies_for(op: str, count: int, targets: Targets) -> list[Body]:
     if op == "list_client_sessions":
         return list_bodies(count, targets)
     if op in ("restore_session", "get_session_info"):
-        return _session_bodies(op)(count, targets)
+        return _per_session(op, lambda n: {})(count, targets)
     if op in _OTHER:
         return _OTHER[op](count, targets)
     raise ValueError(f"no workload for {op}")

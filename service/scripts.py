@@ -165,21 +165,21 @@ local function rate_take(bucket, spec)
   local rate, burst, crate, cburst, create =
     string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
   rate, burst, crate, cburst = rate + 0, burst + 0, crate + 0, cburst + 0
-  local g, c = ',', ','  -- 'tokens,at' of each bucket, kept as they are when unused
-  if bucket then g, c = string.match(bucket, '^([^,]*,[^,]*),(.*)$') end
-  if not c then g, c = ',', ',' end
+  local gk, gat, ck, cat
+  if bucket then gk, gat, ck, cat = string.match(bucket, '^([^,]*),([^,]*),([^,]*),([^,]*)$') end
+  if not cat then gk, gat, ck, cat = '', '', '', '' end
+  -- 'tokens,at' of each bucket, kept as it is when this request does not use it
+  local g, c = gk .. ',' .. gat, ck .. ',' .. cat
   local wait, ttl = 0, 0
   if rate > 0 then
     ttl = math.ceil(burst * 1000 / rate)
-    local tokens, at = string.match(g, '^([^,]*),(.*)$')
-    local lv = level(tokens, at, rate, burst)
+    local lv = level(gk, gat, rate, burst)
     if lv < 1 then wait = math.ceil((1 - lv) * 1000 / rate) end
     g = string.format('%.4f,%d', lv - 1, now)
   end
   if create == '1' and crate > 0 then
     ttl = math.max(ttl, math.ceil(cburst * 1000 / crate))
-    local tokens, at = string.match(c, '^([^,]*),(.*)$')
-    local lv = level(tokens, at, crate, cburst)
+    local lv = level(ck, cat, crate, cburst)
     if lv < 1 then wait = math.max(wait, math.ceil((1 - lv) * 1000 / crate)) end
     c = string.format('%.4f,%d', lv - 1, now)
   end

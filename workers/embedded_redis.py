@@ -43,8 +43,8 @@ def free_port() -> int:
 # session hash whose values are all at most 2 KB stays a listpack, about
 # 180 B smaller per session with 1 KB of state than a hashtable. A listpack
 # holds at most 128 fields (hash-max-listpack-entries), so at worst a write
-# moves 128 x 2 KB = 256 KB, a few microseconds (docs/operations.md). The ziplist name is the
-# one Redis 6.2 knows; 7 takes it as an alias.
+# moves 128 x 2 KB = 256 KB, a few microseconds. The ziplist name is the one
+# Redis 6.2 knows; 7 takes it as an alias.
 TUNING = ("--hash-max-ziplist-value", "2048")
 
 
