@@ -7,7 +7,7 @@
                                                      # benchmarks/results/quick/
 
 Two set-ups in one process: a standalone redis-server (no persistence) with a
-front on it, and a LocalCluster (tests/topologies.py: 3 masters + 3 replicas,
+front on it, and a LocalCluster (workers/launchers/cluster.py: 3 masters + 3 replicas,
 no persistence) with a front in `--redis-mode cluster`. Both fronts are
 `python -m workers.cli front --workers 1` with default settings otherwise, as
 in benchmarks/servers.py, so the standalone figures compare with
@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from string import Template
 from typing import Literal
 
 import psutil
@@ -50,15 +51,16 @@ import zmq
 from redis.crc import key_slot
 
 from benchmarks import machine, workload
-from benchmarks.common import RESULTS, Progress, outputs, plain
+from benchmarks.common import RESULTS, Progress, outputs, plain, template, template_parts
 from benchmarks.loadgen import Body, Kind, LoadGen
 from benchmarks.measure import RunResult
 from benchmarks.servers import REPO, Snapshot, _clean_env, process_cpu, wait_answering
 from service import codec, keys, scripts
 from service.settings import Settings
 from service.store import Call, _slot, redis_for
-from tests.topologies import LocalCluster
-from workers.embedded_redis import EmbeddedRedis, free_port
+from workers.launchers.cluster import LocalCluster
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
 
 SetupName = Literal["standalone", "cluster"]
 SETUPS: tuple[SetupName, ...] = ("standalone", "cluster")
@@ -682,14 +684,18 @@ def _ratio_of(run: Run, op: str, n: int) -> Ratio | None:
     return None
 
 
+def _lines(rows: list[str]) -> str:
+    """Table rows for a placeholder that ends the table's separator line in
+    the template: each row on a line of its own."""
+    return "".join("\n" + row for row in rows)
+
+
+def _parts() -> dict[str, Template]:
+    return template_parts("cluster-parts.md")
+
+
 def _figure_rows(run: Run) -> list[str]:
-    rows = [
-        "| command | in flight | set-up | req/s | req/s range | front CPU us/req "
-        "| Redis CPU us/req, all nodes | of which masters | of which replicas "
-        "| Redis net of idle | front+Redis us/req | p50 ms | p99 ms | EVALSHA per req "
-        "| Redis reads per req | load gen us/req | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for op in OPS:
         for n in run.config.inflights:
             for name in SETUPS:
@@ -711,12 +717,9 @@ def _figure_rows(run: Run) -> list[str]:
 
 
 def _ratio_rows(run: Run) -> list[str]:
-    rows = [
-        "| command | in flight | req/s | front CPU per req | Redis CPU per req, all nodes "
-        "| Redis, all nodes, net of idle | Redis, masters only | front+Redis per req "
-        "| p50 | p99 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The cluster / standalone table, its header included (it is printed at
+    the end of a run as well)."""
+    rows = _parts()["ratio_header"].template.splitlines()
     for op in OPS:
         for n in run.config.inflights:
             r = _ratio_of(run, op, n)
@@ -731,7 +734,9 @@ def _ratio_rows(run: Run) -> list[str]:
 
 
 def _findings(run: Run) -> list[str]:
-    """Sentences made from this run's medians: nothing here is typed in by hand."""
+    """Sentences made from this run's medians: nothing here is typed in by hand.
+    Their words are in templates/cluster-parts.md."""
+    parts = _parts()
     out: list[str] = []
     for op in OPS:
         for n in run.config.inflights:
@@ -741,37 +746,35 @@ def _findings(run: Run) -> list[str]:
             if a is None or c is None or r is None:
                 continue
             sa, sc, x = a.stats, c.stats, r.ratios
-            out.append(
-                f"- **{op}, {n} in flight.** {sc['throughput'].median:,.0f} req/s on the "
-                f"cluster against {sa['throughput'].median:,.0f} standalone "
-                f"({x['throughput'].median:.2f}x). Front CPU {sc['front_cpu_us'].median:.0f} "
-                f"against {sa['front_cpu_us'].median:.0f} us per request "
-                f"({x['front_cpu_us'].median:.2f}x); Redis CPU "
-                f"{sc['redis_cpu_us'].median:.0f} us over all six nodes "
-                f"({sc['master_cpu_us'].median:.0f} masters + "
-                f"{sc['replica_cpu_us'].median:.0f} replicas) against "
-                f"{sa['redis_cpu_us'].median:.0f} us for the one server "
-                f"({x['redis_cpu_us'].median:.2f}x; net of idle "
-                f"{x['redis_net_cpu_us'].median:.2f}x; masters only "
-                f"{x['master_cpu_us'].median:.2f}x). Reads in Redis: "
-                f"{sc['reads_per_request'].median:.3f} per request on the cluster's "
-                f"masters against {sa['reads_per_request'].median:.3f} standalone. p50 "
-                f"{sc['p50_ms'].median:.2f} against {sa['p50_ms'].median:.2f} ms.")
+            out.append(parts["finding_cell"].substitute(
+                op=op, inflight=n,
+                c_throughput=f"{sc['throughput'].median:,.0f}",
+                a_throughput=f"{sa['throughput'].median:,.0f}",
+                x_throughput=f"{x['throughput'].median:.2f}",
+                c_front=f"{sc['front_cpu_us'].median:.0f}",
+                a_front=f"{sa['front_cpu_us'].median:.0f}",
+                x_front=f"{x['front_cpu_us'].median:.2f}",
+                c_redis=f"{sc['redis_cpu_us'].median:.0f}",
+                c_masters=f"{sc['master_cpu_us'].median:.0f}",
+                c_replicas=f"{sc['replica_cpu_us'].median:.0f}",
+                a_redis=f"{sa['redis_cpu_us'].median:.0f}",
+                x_redis=f"{x['redis_cpu_us'].median:.2f}",
+                x_redis_net=f"{x['redis_net_cpu_us'].median:.2f}",
+                x_masters=f"{x['master_cpu_us'].median:.2f}",
+                c_reads=f"{sc['reads_per_request'].median:.3f}",
+                a_reads=f"{sa['reads_per_request'].median:.3f}",
+                c_p50=f"{sc['p50_ms'].median:.2f}", a_p50=f"{sa['p50_ms'].median:.2f}"))
     lo, hi = min(run.config.inflights), max(run.config.inflights)
     stats_lo = _ratio_of(run, "get_session_statistics", lo)
     stats_hi = _ratio_of(run, "get_session_statistics", hi)
     if stats_lo is not None and stats_hi is not None and lo != hi:
         r_lo = stats_lo.ratios["master_cpu_us"].median
         r_hi = stats_hi.ratios["master_cpu_us"].median
-        line = (f"- **Redis CPU per get_session_statistics**, masters only: {r_lo:.2f}x the "
-                f"standalone server's at {lo} in flight, {r_hi:.2f}x at {hi}.")
+        line = parts["finding_statistics"].substitute(
+            ratio_lo=f"{r_lo:.2f}", lo=lo, ratio_hi=f"{r_hi:.2f}", hi=hi)
         if r_hi <= 1.15 and r_lo >= 1.3:
             # Only said when the two rows bear it out.
-            line += (" The same 64 script calls cost about the same in deep pipelines, so the "
-                     f"extra at {lo} in flight goes with the three masters each request is read "
-                     "from (three reads and three replies, if in one round trip) rather than "
-                     "with running the scripts in cluster mode: an inference from these two "
-                     "rows, not profiled.")
+            line += " " + parts["finding_statistics_inference"].substitute(lo=lo)
         out.append(line)
     if run.routing is not None:
         ro = run.routing
@@ -781,171 +784,41 @@ def _findings(run: Run) -> list[str]:
             c = _summary(run, "cluster", "get_session_statistics", n)
             if a is not None and c is not None:
                 more = c.stats["front_cpu_us"].median - a.stats["front_cpu_us"].median
-                extra.append(f"{more:,.0f} us at {n} in flight")
-        out.append(
-            f"- **Routing in the front.** Finding the master of one call costs "
-            f"{ro.per_call_us:.1f} us of Python ({ro.slot_us:.1f} us for the hash slot, "
-            f"{ro.lookup_us:.1f} us for redis-py's `get_node_from_slot`; timed in the load "
-            f"generator's process with the client the front builds, {ro.calls:,} calls). "
-            f"A get_session_statistics routes 64 calls, {64 * ro.per_call_us:,.0f} us, "
-            f"against a measured extra front CPU per statistics request of "
-            f"{' and '.join(extra)} (cluster median minus standalone median); an update or an "
-            f"info routes one call. (Not done, a suggestion: the service uses only 64 hash "
-            f"tags, so a bucket-to-master table refreshed with the slot map would turn this "
-            f"into a list index.)")
+                extra.append(parts["routing_extra"].substitute(extra_us=f"{more:,.0f}",
+                                                               inflight=n))
+        out.append(parts["finding_routing"].substitute(
+            per_call_us=f"{ro.per_call_us:.1f}", slot_us=f"{ro.slot_us:.1f}",
+            lookup_us=f"{ro.lookup_us:.1f}", calls=f"{ro.calls:,}",
+            statistics_us=f"{64 * ro.per_call_us:,.0f}", extra=" and ".join(extra)))
     gaps = [abs(d.coarse_total_cpu_us - d.result.total_cpu_us) for d in run.drives]
     rel = [g / d.result.total_cpu_us for g, d in zip(gaps, run.drives, strict=True)
            if d.result.total_cpu_us > 0]
     if gaps and rel:
-        out.append(
-            f"- **Cross-check of the CPU figures.** psutil's clock-tick count of front + "
-            f"Redis CPU per request differed from the nanosecond count by a median of "
-            f"{statistics.median(gaps):.1f} us ({statistics.median(rel) * 100:.1f}%), at most "
-            f"{max(gaps):.1f} us ({max(rel) * 100:.1f}%) over the {len(gaps)} drives.")
+        out.append(parts["finding_cross_check"].substitute(
+            median_us=f"{statistics.median(gaps):.1f}",
+            median_pct=f"{statistics.median(rel) * 100:.1f}",
+            max_us=f"{max(gaps):.1f}", max_pct=f"{max(rel) * 100:.1f}", drives=len(gaps)))
     idle = {i.setup: i for i in run.idle}
     if "cluster" in idle and "standalone" in idle:
         ci, si = idle["cluster"], idle["standalone"]
-        out.append(
-            f"- **Idle.** With no load the cluster's six redis-servers used "
-            f"{ci.master_us_per_s + ci.replica_us_per_s:,.0f} us of CPU per second "
-            f"({(ci.master_us_per_s + ci.replica_us_per_s) / 1e4:.2f}% of one CPU) against "
-            f"{si.master_us_per_s:,.0f} us/s for the standalone server. That background "
-            f"is inside the cluster's Redis CPU per request, a larger share the fewer "
-            f"requests a drive answers; the \"net of idle\" columns take it out.")
+        cluster_us = ci.master_us_per_s + ci.replica_us_per_s
+        out.append(parts["finding_idle"].substitute(
+            cluster_us=f"{cluster_us:,.0f}", cluster_pct=f"{cluster_us / 1e4:.2f}",
+            standalone_us=f"{si.master_us_per_s:,.0f}"))
     return out
 
 
-TEMPLATE = """\
-# Benchmarks: Redis Cluster against standalone Redis
-
-Generated by `{command}` on {date}, in {duration:.0f} s. Do not edit by hand:
-rerun the command, which rewrites this file and
-`benchmarks/results/cluster.json` (the raw figures of every drive).
-The single-front benchmark is [benchmarks.md](benchmarks.md).{quick}
-
-## What was measured
-
-- **Standalone**: one redis-server (no persistence) and one front
-  (`python -m workers.cli front --workers 1`, default settings).
-- **Cluster**: `LocalCluster` of `tests/topologies.py`, 3 masters with one
-  replica each made by `redis-cli --cluster create` (no persistence,
-  asynchronous replication, `redis_wait_replicas` 0), and one front with
-  `--redis-mode cluster` (`STUI_REDIS_MODE=cluster`), default settings
-  otherwise. The front's Store sends one pipeline per master holding the
-  calls whose slot that master serves.
-- Both set-ups were up for the whole run, each with {sessions:,} pre-created
-  sessions with {state_bytes:,} B of state ({clients:,} clients x 5), made
-  through its own front. The load generator of `benchmarks/loadgen.py` drove
-  `update_session_state` (a {state_bytes:,} B state), `get_session_info` and
-  `get_session_statistics` (64 script calls, one per bucket) with REQ
-  sockets, {inflights} in flight. Each drive: a warm-up, then at most
-  {run_s} s / {max_req:,} requests.
-- {rounds} round(s); in each round every cell was driven on the standalone set-up
-  and on the cluster back to back, the order reversed every other round.
-  Figures are medians over the rounds, ranges min-max; ratios are
-  cluster median / standalone median, with the min-max of each round's own
-  cluster/standalone ratio in brackets.
-- **CPU per request**: CPU seconds (user + system) just before and after the
-  drive, divided by the answered requests: the front process; the
-  redis-server processes: the one standalone server, against the sum over
-  all six cluster nodes (split into masters and replicas). The load
-  generator's own CPU is listed apart and not included. The seconds are the
-  kernel scheduler's nanosecond count per thread
-  (`/proc/<pid>/task/*/schedstat`), because psutil's `cpu_times()` counts
-  10 ms clock ticks, a step of several us per request per process over a
-  drive; psutil's figure is kept as a cross-check (under Findings).
-- **Net of idle**: the set-up's redis-server CPU with no load at all (measured
-  once, below) times the drive's duration, taken off its Redis CPU. An
-  estimate: it assumes the background (cluster bus, replication pings,
-  `serverCron`) costs the same under load.
-- **Redis reads per request**: `INFO stats` `total_reads_processed`, summed
-  over the masters, per answered request (our own `INFO` calls taken out). Each
-  pipeline the front sends arrives as at least one read, more when it is
-  longer than Redis' 16 KB read buffer (as deep batches of 1 KB updates or of
-  64-call statistics are), so at 1 in flight this counts the front's round
-  trips to Redis, and at 64 it is a lower bound's proxy. EVALSHA per request
-  is from `INFO commandstats` on the masters.
-
-## How to read this (honest notes)
-
-- **All six cluster nodes share this {cpus}-CPU machine** with both fronts, the
-  standalone server and the load generator. A cluster spreads the keyspace over
-  masters so that each can use a CPU of its own; here there are not enough
-  CPUs for that, so **this run cannot show the cluster's scaling**, and its
-  throughput figures are not a prediction for a real cluster on separate hosts.
-- What it does show is **the per-request cost of cluster mode** for one
-  front: the front computes each call's hash slot and groups the calls of a
-  batch by master, then writes one pipeline to each master before reading
-  any replies (`Store._send_by_node` and `_send` in `service/store.py`). A
-  batch of requests spread over 3 masters costs one round trip, as
-  standalone, but with shallower pipelines on each master and one read per
-  master. `get_session_statistics` touches all 64 buckets, which fall on all
-  3 masters, so each request is read from every master.
-- At 1 in flight a session command touches one bucket, hence one master: one
-  round trip, as standalone. At 64 in flight a batch spans the masters.
-- **The replicas are part of the cluster's Redis CPU.** Every write is
-  replicated (the masters feed the replication stream, the replicas apply it);
-  the standalone server has no replica. The "masters only" columns leave the
-  replicas out, which is closer to the cost of cluster mode itself. Reads
-  write too: every session command takes a token from its client's
-  rate-limit bucket (`rate_take` in `service/scripts.py`), so replicas
-  apply something for `get_session_info` as well.
-- The service's keys carry one of 64 bucket hash tags, so the cluster shards by
-  bucket, not by session; the per-master layout below shows how the buckets
-  fell on this cluster's slot ranges.
-- The standalone drives ran with the idle cluster up (and the other way
-  round): the idle CPU of each set-up is measured below, so its share is known.
-- The load generator is one Python thread on the same CPUs: throughput here
-  is capped by it as much as by the servers. CPU per request does not depend
-  on that; latencies include the load generator's own scheduling delays.
-{noisy}
-## Cluster / standalone
-
-{ratio_rows}
-
-## Findings of this run
-
-{findings}
-
-## Per-request figures
-
-Medians over the rounds, taken column by column (so the masters and replicas
-columns need not add up to the all-nodes column exactly).
-
-{figure_rows}
-
-## The set-ups
-
-| set-up | sessions reported by get_session_statistics \
-| per master: port, session hashes, buckets served (of 64) |
-|---|---:|---|
-{layout_rows}
-
-Idle CPU, microseconds per second of wall time, sampled for {idle_s:.0f} s with no load:
-
-| set-up | front | Redis masters | Redis replicas |
-|---|---:|---:|---:|
-{idle_rows}
-
-## Machine
-
-| | |
-|---|---|
-{machine}
-"""
-
-
 def render(run: Run) -> str:
+    """docs/benchmarks-cluster.md: templates/cluster.md filled with this run's
+    figures and tables."""
     cfg = run.config
-    quick = ("\n\n**This is a `--quick` smoke run**: one round of short drives on "
-             f"{cfg.sessions:,} sessions; its figures are rough.") if cfg.quick else ""
+    parts = _parts()
+    quick = "\n\n" + parts["quick"].substitute(sessions=f"{cfg.sessions:,}") if cfg.quick else ""
     if run.noisy_at_start or run.noisy_at_end:
-        noisy = ("- **Other benchmark or test processes were running** (at the start: "
-                 f"{'; '.join(run.noisy_at_start) or 'none'}; at the end: "
-                 f"{'; '.join(run.noisy_at_end) or 'none'}): their load is in these figures.\n")
+        noisy = parts["noisy_found"].substitute(at_start="; ".join(run.noisy_at_start) or "none",
+                                                at_end="; ".join(run.noisy_at_end) or "none")
     else:
-        noisy = ("- No other benchmark or test process (`benchmarks.scaleout`, "
-                 "`benchmarks.soak`, `pytest`) was running at the start or at the end.\n")
+        noisy = parts["noisy_none"].substitute(noisy_names=", ".join(f"`{n}`" for n in NOISY))
     layout_rows = [
         f"| {name} | {run.sessions.get(name, 0):,} | "
         + "; ".join(f"{port}: {sessions:,}, {buckets}" for port, sessions, buckets in rows)
@@ -954,17 +827,18 @@ def render(run: Run) -> str:
     ]
     idle_rows = [f"| {i.setup} | {i.front_us_per_s:,.0f} | {i.master_us_per_s:,.0f} | "
                  f"{i.replica_us_per_s:,.0f} |" for i in run.idle]
-    return TEMPLATE.format(
-        command=run.command, date=run.machine["date"], duration=run.duration_s, quick=quick,
-        sessions=cfg.sessions, clients=cfg.sessions // workload.SESSIONS_PER_CLIENT,
-        state_bytes=len(codec.dumps(workload.state_data(0))),
-        inflights=" and ".join(str(n) for n in cfg.inflights), run_s=cfg.run_seconds,
-        max_req=cfg.max_requests, rounds=cfg.rounds, cpus=run.machine["cpus (nproc)"],
-        noisy=noisy, ratio_rows="\n".join(_ratio_rows(run)),
-        findings="\n".join(_findings(run)), figure_rows="\n".join(_figure_rows(run)),
-        layout_rows="\n".join(layout_rows), idle_s=cfg.idle_seconds,
-        idle_rows="\n".join(idle_rows),
-        machine="\n".join(f"| {k} | {v} |" for k, v in run.machine.items()),
+    state_bytes = len(codec.dumps(workload.state_data(0)))
+    return template("cluster.md").substitute(
+        command=run.command, date=run.machine["date"], duration=f"{run.duration_s:.0f}",
+        quick=quick, sessions=f"{cfg.sessions:,}",
+        clients=f"{cfg.sessions // workload.SESSIONS_PER_CLIENT:,}",
+        state_bytes=f"{state_bytes:,}", inflights=" and ".join(str(n) for n in cfg.inflights),
+        run_s=cfg.run_seconds, max_req=f"{cfg.max_requests:,}", rounds=cfg.rounds,
+        cpus=run.machine["cpus (nproc)"], noisy=noisy,
+        ratio_table="\n".join(_ratio_rows(run)), findings="\n".join(_findings(run)),
+        figure_rows=_lines(_figure_rows(run)), layout_rows=_lines(layout_rows),
+        idle_s=f"{cfg.idle_seconds:.0f}", idle_rows=_lines(idle_rows),
+        machine_rows=_lines([f"| {k} | {v} |" for k, v in run.machine.items()]),
     )
 
 

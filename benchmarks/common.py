@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 import time
 from pathlib import Path
 from typing import Any
@@ -51,3 +52,26 @@ def outputs(name: str, quick: bool) -> tuple[Path, Path]:
         out = RESULTS / "quick"
         return out / f"{name}.json", out / f"benchmarks-{name}.md"
     return RESULTS / f"{name}.json", REPO / "docs" / f"benchmarks-{name}.md"
+
+
+def template(name: str) -> string.Template:
+    """benchmarks/templates/<name>, the fixed text of a report, as a
+    string.Template: $name and ${name} are placeholders, $$ a dollar sign.
+    Found next to this module, so a run from any directory finds it."""
+    path = Path(__file__).resolve().parent / "templates" / name
+    return string.Template(path.read_text(encoding="utf-8"))
+
+
+def template_parts(name: str) -> dict[str, string.Template]:
+    """The named parts of benchmarks/templates/<name> (as template() finds
+    it), each a string.Template: a part starts at a line `<!-- part: NAME -->`
+    and runs to the next such line, blank lines around it left out. Text
+    before the first part is a note for whoever edits the file."""
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in template(name).template.splitlines():
+        if line.startswith("<!-- part: ") and line.endswith(" -->"):
+            current = found.setdefault(line.removeprefix("<!-- part: ").removesuffix(" -->"), [])
+        elif current is not None:
+            current.append(line)
+    return {k: string.Template("\n".join(v).strip("\n")) for k, v in found.items()}

@@ -36,7 +36,8 @@ import zmq
 from benchmarks import machine
 from benchmarks.common import Progress, outputs, plain
 from benchmarks.servers import REPO, wait_answering
-from workers.embedded_redis import EmbeddedRedis, free_port
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
 
 INFLIGHT = 64
 SESSIONS = 8

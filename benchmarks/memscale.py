@@ -28,7 +28,7 @@ from service import codec
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store, connect
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 FULL_SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 5_000, 10_000)

@@ -53,7 +53,7 @@ def fixed_costs(rounds: int = 3, calls: int = 3000) -> dict[str, float]:
     import redis
 
     from service import scripts
-    from workers.embedded_redis import EmbeddedRedis
+    from workers.launchers.redis import EmbeddedRedis
 
     prelude = scripts.UPDATE.source.split("local replace = ARGV[8]")[0]
     cases = {

@@ -1,6 +1,7 @@
 """One tree's Redis cost per command: run by benchmarks/rediscost.py with that
 tree's code first on sys.path (so it imports only what every release has:
-service.dispatch, service.settings, service.store, workers.embedded_redis).
+service.dispatch, service.settings, service.store, and the embedded Redis,
+workers.launchers.redis or, before that package, workers.embedded_redis).
 
 Prints JSON: {command: {"usec": per script call, "calls": inner Redis calls
 per request (TIME included), "scripts": script calls per request}}.
@@ -17,7 +18,16 @@ import redis
 from service.dispatch import Dispatcher  # type: ignore[import-not-found, unused-ignore]
 from service.settings import Settings  # type: ignore[import-not-found, unused-ignore]
 from service.store import Store, connect  # type: ignore[import-not-found, unused-ignore]
-from workers.embedded_redis import EmbeddedRedis  # type: ignore[import-not-found, unused-ignore]
+
+# The old module first: the editable install of this checkout serves its own
+# workers.launchers to a tree without one (an older release, e.g. 67c3ff1),
+# which would then measure with this tree's EmbeddedRedis, not its own.
+try:
+    from workers.embedded_redis import (  # type: ignore[import-not-found, unused-ignore]
+        EmbeddedRedis,
+    )
+except ImportError:
+    from workers.launchers.redis import EmbeddedRedis
 
 NOT_INNER = {"evalsha", "eval", "info", "script", "flushall", "config"}
 STATE = {"cursor": {"line": 12, "column": 4}, "workspace": "Transcript showln: 3 + 4. " * 38}

@@ -8,9 +8,9 @@
 
 One private redis-server (no persistence), N `stui-sessions front --workers 1`
 processes, and HAProxy in TCP mode balancing connections round robin over
-them (tests/haproxy.py). The load generator of benchmarks/loadgen.py drives
-the HAProxy endpoint with REQ sockets: HAProxy balances *connections*, so
-64 REQ sockets (64 connections) spread evenly, where one DEALER socket would
+them (workers/launchers/haproxy.py). The load generator of benchmarks/loadgen.py
+drives the HAProxy endpoint with REQ sockets: HAProxy balances *connections*,
+so 64 REQ sockets (64 connections) spread evenly, where one DEALER socket would
 pin all its load on one front. A "1 front, direct" configuration (no HAProxy)
 shows what the proxy itself costs.
 
@@ -43,8 +43,9 @@ from benchmarks import machine, workload
 from benchmarks.common import RESULTS, Progress, outputs, plain
 from benchmarks.loadgen import Body, LoadGen
 from benchmarks.servers import REPO, _clean_env, process_cpu, wait_answering
-from tests.haproxy import HAProxy, find_haproxy
-from workers.embedded_redis import EmbeddedRedis, free_port
+from workers.launchers.haproxy import HAProxy, find_haproxy
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
 
 OPS = ("update_session_state", "ping")
 INFLIGHT = 64  # REQ sockets, hence connections through HAProxy
@@ -519,7 +520,7 @@ The single-front benchmark is [benchmarks.md](benchmarks.md).
 - One redis-server (no persistence), N front processes
   (`python -m workers.cli front --workers 1`, default settings) and
   HAProxy ({haproxy}) in TCP mode, `balance roundrobin`, with the
-  configuration of `tests/haproxy.py` (health checks every 200 ms).
+  configuration of `workers/launchers/haproxy.py` (health checks every 200 ms).
 - The load generator of `benchmarks/loadgen.py`, one Python thread with
   {inflight} REQ sockets, one request outstanding on each. HAProxy balances
   connections, not requests: the {inflight} connections are spread evenly

@@ -19,7 +19,8 @@ import psutil
 import redis
 import zmq
 
-from workers.embedded_redis import EmbeddedRedis, free_port
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -44,7 +44,7 @@ from service.handlers.base import Ctx
 from service.protocol import decode, encode_success, validate
 from service.settings import Settings
 from service.store import Store, connect
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 STAGES = ("decode", "validate", "plan", "pack", "redis", "finish", "encode")
 BATCH = 64

@@ -29,7 +29,7 @@ from benchmarks.common import Progress, outputs, plain
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store, connect
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 DEFAULTS = Settings(redis_url="redis://unused")
 IGNORED = {"evalsha", "info", "script", "flushall", "time"}  # not the script's own work

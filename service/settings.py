@@ -83,7 +83,10 @@ class Settings(BaseSettings):
 
     # Runtime behaviour.
     storage_timeout: float = Field(default=2.0, gt=0)
-    shutdown_grace: float = Field(default=10.0, ge=0)
+    # s to answer what has arrived after SIGTERM. A multi-process front takes
+    # at worst 1.5 x this + 2 s to exit (docs/architecture.md, "Shutdown"):
+    # with 5 s, 9.5 s, inside `docker stop`'s default 10 s.
+    shutdown_grace: float = Field(default=5.0, ge=0)
     batch_max: int = Field(default=256, ge=1)
     cleanup_interval: int = Field(default=300, ge=1)
 
@@ -122,6 +125,9 @@ class Settings(BaseSettings):
     heartbeat_file: Path | None = None  # default: front.heartbeat in metrics_dir
     heartbeat_max_age: float = Field(default=5.0, ge=0)  # s; 0: /readyz ignores the heartbeat
     http_bind: str = "0.0.0.0:9102"
+    # Where each role leaves how to probe it, for `stui-sessions healthcheck`
+    # (the image's HEALTHCHECK; workers/health.py). None: no records.
+    health_dir: Path | None = None
     http_workers: int = Field(default=1, ge=1, le=16)
     ready_timeout: float = Field(default=0.5, gt=0)  # s, the PING of /readyz
 

@@ -19,10 +19,11 @@ import zmq
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store
-from tests.helpers import stop_process
-from tests.topologies import LocalCluster, LocalSentinel, TopologyError, find_redis_cli
 from workers.client import Client, CurveKeys
-from workers.embedded_redis import EmbeddedRedis, RedisNotFound, find_redis_server, free_port
+from workers.launchers.cluster import LocalCluster, find_redis_cli
+from workers.launchers.process import free_port, stop_process
+from workers.launchers.redis import EmbeddedRedis, RedisNotFound, TopologyError, find_redis_server
+from workers.launchers.sentinel import LocalSentinel
 
 
 def _have_redis() -> str | None:

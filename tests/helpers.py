@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,19 +16,6 @@ def code_of(c: Client, command: str, **params: Any) -> str:
     except RemoteError as exc:
         return exc.code
     return "ok"
-
-
-def stop_process(
-    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0
-) -> int:
-    """Signal a child, wait for it, kill it if it outlives `timeout`; its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 def wait_for(

@@ -18,7 +18,7 @@ from service.policy import Policy
 from tests.conftest import FrontProcess
 from tests.helpers import code_of
 from workers.client import Client, RemoteError
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

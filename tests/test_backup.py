@@ -30,7 +30,7 @@ from service.dispatch import Dispatcher
 from service.housekeeping import Pruned, global_figures, housekeep
 from service.settings import Settings
 from service.store import Store, connect
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

@@ -44,7 +44,7 @@ from tests.test_backup import (
     run,
     snapshot,
 )
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import zmq
 from service import codec
 from tests.conftest import FrontProcess
 from workers.client import Client, NoReply
-from workers.embedded_redis import free_port
+from workers.launchers.process import free_port
 
 pytestmark = pytest.mark.integration
 

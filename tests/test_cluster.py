@@ -61,8 +61,8 @@ from tests.test_semantics import (  # noqa: F401  (collected again, against the 
     test_two_writers_same_expected_version_one_wins,
 )
 from tests.test_sentinel import LEDGER_ENV, MAX_UPDATES, Writer
-from tests.topologies import LocalCluster
 from workers.client import Client
+from workers.launchers.cluster import LocalCluster
 from workers.scheduler import Scheduler
 
 pytestmark = pytest.mark.integration

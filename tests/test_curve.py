@@ -16,7 +16,7 @@ import zmq
 from tests.conftest import FrontProcess
 from tests.helpers import code_of
 from workers.client import Client, CurveKeys, NoReply
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ import zmq
 from service import codec, keys, layout
 from tests.conftest import FrontProcess
 from workers.client import Client, RemoteError
-from workers.embedded_redis import EmbeddedRedis, free_port
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 

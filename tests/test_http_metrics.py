@@ -36,10 +36,10 @@ from service.metrics import (
 from service.settings import Settings
 from service.store import connect
 from tests.conftest import FrontProcess
-from tests.helpers import stop_process
 from workers.client import Client
-from workers.embedded_redis import EmbeddedRedis, free_port
 from workers.http import gunicorn_options
+from workers.launchers.process import free_port, stop_process
+from workers.launchers.redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL = shutil.which("promtool")

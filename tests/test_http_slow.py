@@ -17,7 +17,6 @@ import pytest
 
 from service.settings import Settings
 from tests.test_http_metrics import HttpProcess
-from workers.embedded_redis import EmbeddedRedis
 from workers.http import gunicorn_options
 from workers.http_worker import (
     HEAD_TIMEOUT,
@@ -29,6 +28,7 @@ from workers.http_worker import (
     has_body,
     head_complete,
 )
+from workers.launchers.redis import EmbeddedRedis
 
 # A Kubernetes probe's deadline: the liveness bound under test, used as the
 # client's socket timeout (never measured against a clock).

@@ -41,8 +41,8 @@ import pytest
 import redis
 
 from tests.conftest import FrontProcess
-from tests.haproxy import HAProxy, find_haproxy
 from workers.client import Client, ClientStats, NoReply, RemoteError
+from workers.launchers.haproxy import HAProxy, find_haproxy
 
 pytestmark = pytest.mark.integration
 

@@ -42,7 +42,7 @@ import zmq
 from service.scripts import ALL_SCRIPTS
 from tests.conftest import FrontProcess
 from workers.client import Client, ClientStats, NoReply, RemoteError
-from workers.embedded_redis import EmbeddedRedis, RedisNotFound, find_redis_server
+from workers.launchers.redis import EmbeddedRedis, RedisNotFound, find_redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

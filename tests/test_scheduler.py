@@ -19,9 +19,10 @@ from pydantic import SecretStr
 from service import backup, keys, rotation
 from service.leader import LeaderLock, NotLeader, current_leader
 from service.settings import Settings
-from tests.helpers import stop_process, wait_for
+from tests.helpers import wait_for
 from tests.test_backup import KEY_ENV, TEST_KEY, TEST_KEY_TEXT
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.process import stop_process
+from workers.launchers.redis import EmbeddedRedis
 from workers.scheduler import Scheduler
 
 TTL = 1.0  # the lock TTL of these tests (s)

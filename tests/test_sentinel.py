@@ -26,9 +26,9 @@ from service.settings import Settings
 from service.store import Store, connect
 from tests.conftest import FrontProcess, RedisTarget
 from tests.helpers import wait_for
-from tests.topologies import LocalSentinel
 from workers.client import Client, NoReply
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
+from workers.launchers.sentinel import LocalSentinel
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.embedded_redis import RedisNotFound, find_redis_server
+from workers.launchers.redis import RedisNotFound, find_redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -26,7 +26,7 @@ from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store, connect
 from tests.previous_release import scripts as old
-from workers.embedded_redis import EmbeddedRedis
+from workers.launchers.redis import EmbeddedRedis
 
 KEY = b"k" * 32
 WINDOW_MS = 300_000

@@ -17,11 +17,11 @@ from pydantic import ValidationError
 from service import codec, metrics
 from service.settings import Settings
 from service.store import REDIS_FAILURES, RedisTopologyError, redis_for
-from workers import cli_admin, cli_http, cli_ops
+from workers import cli_admin, cli_health, cli_http, cli_ops, health
 from workers.cli_common import EXIT_REDIS, EXIT_USAGE, NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
-from workers.embedded_redis import EmbeddedRedis
 from workers.front import FrontWorker
+from workers.launchers.redis import EmbeddedRedis
 from workers.multiproc import WorkerPool
 from workers.runtime import build_dispatcher, configure_logging
 
@@ -38,6 +38,14 @@ def serve_bind(settings: Settings) -> str:
 def _run_fronts(settings: Settings) -> None:
     if not settings.redis_configured:
         raise SystemExit(NO_REDIS)
+    health.publish_front(settings, settings.bind)
+    try:
+        _run_front_processes(settings)
+    finally:
+        health.withdraw(settings, "front")
+
+
+def _run_front_processes(settings: Settings) -> None:
     if settings.workers > 1:
         # Check the Redis set-up here, once: an unusable one is then one
         # error line, not a traceback from every worker the pool restarts.
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_admin.register_keys(sub)
     cli_ops.register(sub)
     cli_http.register(sub)
+    cli_health.register(sub)
     return parser
 
 

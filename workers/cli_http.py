@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from workers import http
+from workers import health, http
 from workers.cli_common import add_redis_flags, settings_from
 from workers.runtime import configure_logging
 
@@ -14,7 +14,11 @@ def cmd_http(args: argparse.Namespace) -> int:
     flags = {"http_bind": args.bind, "http_workers": args.workers}
     settings = settings_from(args, **{k: v for k, v in flags.items() if v is not None})
     configure_logging(settings)
-    http.run(settings)
+    health.publish_http(settings)
+    try:
+        http.run(settings)
+    finally:
+        health.withdraw(settings, "http")
     return 0
 
 

@@ -37,9 +37,13 @@ from service.housekeeping import global_figures, housekeep
 from service.leader import LeaderLock, NotLeader
 from service.settings import Settings
 from service.store import REDIS_FAILURES, RedisClient, redis_for
+from workers.health import SchedulerBeat
 
 log = logging.getLogger(__name__)
 
+# What fails one job, to be retried, and never the scheduler: Redis, and the
+# file system (a full, missing or unwritable backup volume).
+JOB_FAILURES: tuple[type[BaseException], ...] = (*REDIS_FAILURES, OSError)
 RETRY_AFTER_FAILURE = 30.0  # s before a failed job runs again (at most its interval)
 
 
@@ -88,6 +92,9 @@ class Scheduler:
         self._led_token: int | None = None  # the term the main loop planned for
         self._next_backup = self._next_housekeeping = 0.0
         self._elector = threading.Thread(target=self._elect, name="stui-elector", daemon=True)
+        # Renewed by the election loop, which turns even while a long backup
+        # holds the main loop: the image's HEALTHCHECK reads its age.
+        self.health = SchedulerBeat(settings)
 
     def request_stop(self, *_: object) -> None:
         self.stop.set()
@@ -114,6 +121,7 @@ class Scheduler:
             except REDIS_FAILURES:
                 log.warning("could not release the leader lock; it expires by itself")
             self._set_leading(False)
+            self.health.close()
             log.info("scheduler %s stopped", self.lock.owner)
 
     # -- election (elector thread) -------------------------------------------
@@ -130,6 +138,7 @@ class Scheduler:
             except REDIS_FAILURES as exc:
                 log.warning("leader lock: redis unavailable (%s)", type(exc).__name__)
             self._set_leading(self.lock.is_leader())
+            self.health.beat()
             self.stop.wait(period)
 
     def _set_leading(self, leading: bool) -> None:
@@ -162,7 +171,7 @@ class Scheduler:
             log.warning("no longer the leader: job abandoned")
         except Stopping:
             log.info("stopping: job abandoned")
-        except REDIS_FAILURES as exc:
+        except JOB_FAILURES as exc:
             log.error("scheduled job failed: %s: %s", type(exc).__name__, exc)
 
     @staticmethod

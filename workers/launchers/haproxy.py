@@ -19,8 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.helpers import stop_process
-from workers.embedded_redis import free_port
+from workers.launchers.process import LaunchError, free_port, stop_process
 
 
 def find_haproxy() -> str | None:
@@ -35,7 +34,7 @@ def find_haproxy() -> str | None:
     return None
 
 
-class HAProxyNotFound(RuntimeError):
+class HAProxyNotFound(LaunchError):
     pass
 
 

