@@ -192,6 +192,9 @@ ran inside, and the front's CPU per request.{rediscost_note}
 
 {per_command}
 
+The checkpoint commands' Redis time and memory, beside these floors:
+[benchmarks-checkpoints.md](benchmarks-checkpoints.md) (`python -m benchmarks.checkpoints`).
+
 ## The front's CPU per request, stage by stage
 
 `python -m benchmarks.stages` (run here as the last phase): the

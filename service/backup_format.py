@@ -11,14 +11,24 @@ A backup is gzip JSON Lines:
 `fields` is the whole session hash, every value as the string Redis holds
 (stored JSON stays its JSON text). `read_ms` is the Redis clock when the line
 was read, so a session's expiry is exactly read_ms + ttl_ms. A field pair that
-is not UTF-8 goes in "raw" as base64 (the service never writes one). The end
+is not UTF-8 goes in "raw" as base64 (the service writes none but its
+checkpoints' snapshots, which are MessagePack). The end
 line makes a cut file fail even without its sidecar.
 
-A line holds one session, whose stored bytes are at most max_state_bytes;
-JSON escaping at most doubles them (a " or \\ inside stored JSON), so
-4 x max_state_bytes + 1 MiB (for the field names, metadata and base64 raw
-fields) holds every line the service can write: that is the cap a reader
-puts on a line (MAX_LINE, or max_line_for(settings)).
+A line holds one session: its content, whose stored bytes are at most
+max_state_bytes, and its checkpoints (kh, k:<id>, kl:<id>; service/layout.py),
+which do not count toward max_state_bytes. JSON escaping at most doubles the
+content (a " or \\ inside stored JSON): within 4 x max_state_bytes. The
+snapshots are at most max_checkpoint_bytes; each is MessagePack, never UTF-8
+(its first byte is 0x9a), so it goes in "raw" as base64, 4/3 of its bytes:
+within 2 x max_checkpoint_bytes. Then, per checkpoint (at most max_checkpoints),
+its head in kh (ASCII, at most 5 numbers of 16 digits), its label (at most
+128 characters, each at most 6 bytes escaped, as \\u001f) and the field
+names: under CHECKPOINT_LINE_BYTES (1 KiB). So
+4 x max_state_bytes + 2 x max_checkpoint_bytes + 1 KiB x max_checkpoints
++ 1 MiB (for the field names, metadata and base64 raw fields) holds every
+line the service can write: that is the cap a reader puts on a line
+(MAX_LINE, or max_line_for(settings)).
 
 Writing is service/backup.py, reading service/backup_read.py, the signature
 sidecar service/backup_sign.py, the key service/backup_key.py and private
@@ -44,9 +54,23 @@ BATCH = 500  # sessions per round trip (and per progress report) at most
 REQUIRED = ("c", "ca", "lm", "to", "v", "a")
 
 READ_CHUNK = MIB  # bytes read (and, from the gzip stream, decompressed) at a time
-# The longest line read, for the default max_state_bytes (see the module docstring).
-_DEFAULT_STATE_BYTES: int = Settings.model_fields["max_state_bytes"].default
-MAX_LINE = 4 * _DEFAULT_STATE_BYTES + MIB
+CHECKPOINT_LINE_BYTES = 1024  # a checkpoint's head, label and names in a line, at most
+
+
+def _line_cap(state_bytes: int, checkpoint_bytes: int, checkpoints: int) -> int:
+    """See the module docstring."""
+    return 4 * state_bytes + 2 * checkpoint_bytes + CHECKPOINT_LINE_BYTES * checkpoints + MIB
+
+
+def _default(name: str) -> int:
+    value: int = Settings.model_fields[name].default
+    return value
+
+
+# The longest line read, for the default settings (see the module docstring).
+MAX_LINE = _line_cap(
+    _default("max_state_bytes"), _default("max_checkpoint_bytes"), _default("max_checkpoints")
+)
 
 Progress = Callable[[int], None]
 Guard = Callable[[], None]  # raises when this process may no longer write
@@ -58,9 +82,13 @@ class BackupError(Exception):
 
 
 def max_line_for(settings: Settings) -> int:
-    """The line cap for these settings: 4 x max_state_bytes + 1 MiB, never
-    below MAX_LINE (a backup taken before the cap was lowered still reads)."""
-    return max(MAX_LINE, 4 * settings.max_state_bytes + MIB)
+    """The line cap for these settings: 4 x max_state_bytes + 2 x
+    max_checkpoint_bytes + 1 KiB x max_checkpoints + 1 MiB, never below
+    MAX_LINE (a backup taken before a cap was lowered still reads)."""
+    cap = _line_cap(
+        settings.max_state_bytes, settings.max_checkpoint_bytes, settings.max_checkpoints
+    )
+    return max(MAX_LINE, cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +116,12 @@ class SessionRecord:
         return next((v for f, v in self.fields if f == name), None)
 
     @property
+    def checkpoints(self) -> int:
+        """How many checkpoints the session holds (the heads kh lists)."""
+        heads = self.field(b"kh")
+        return heads.count(b";") if heads else 0
+
+    @property
     def expires_ms(self) -> int:
         if self.ttl_ms is not None:
             return self.read_ms + self.ttl_ms
@@ -102,6 +136,7 @@ class BackupInfo:
     size: int
     token: int | None
     skipped: int = 0  # keys that looked like sessions but were not (see the log)
+    checkpoints: int = 0  # that its sessions hold
     # What verify_backup found (write_backup fills the first two only):
     authenticated: bool = True  # False: a legacy file accepted with allow_unsigned
     sha256: str = ""  # of the file's bytes, to notice a change before restoring

@@ -107,8 +107,10 @@ def _lines(stream: _Readable, max_line: int, where: Path) -> Iterator[bytes]:
 
 def _too_long(where: Path, n: int, max_line: int) -> str:
     return (
-        f"{where}: line {n}: longer than {max_line} bytes (4 x max_state_bytes + 1 MiB): "
-        "not a backup of these settings (raise STUI_MAX_STATE_BYTES if the file is genuine)"
+        f"{where}: line {n}: longer than {max_line} bytes (4 x max_state_bytes + 2 x "
+        "max_checkpoint_bytes + 1 KiB x max_checkpoints + 1 MiB): not a backup of these "
+        "settings (raise STUI_MAX_STATE_BYTES or STUI_MAX_CHECKPOINT_BYTES if the file is "
+        "genuine)"
     )
 
 
@@ -190,7 +192,7 @@ def verify_backup(
         sha, size, authenticated = authenticate(path, f, key, allow_unsigned)
         f.seek(0)
         reader = _HashingReader(f)
-        invalid = 0
+        invalid = checkpoints = 0
         for sessions, (header, rec) in enumerate(_iter_stream(reader, path, max_line)):
             if rec is None:
                 if reader.drain() != sha:
@@ -206,7 +208,9 @@ def verify_backup(
                     identity=identity,
                     max_line=max_line,
                     invalid=invalid,
+                    checkpoints=checkpoints,
                 )
+            checkpoints += rec.checkpoints
             if check is not None and check(rec) is not None:
                 invalid += 1
             if progress and sessions % BATCH == 0:

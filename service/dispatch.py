@@ -86,6 +86,9 @@ class Dispatcher:
         self.rate_spec = settings.rate_spec()
         self.create_rate_spec = settings.rate_spec(create=True)
         self.metrics = front_metrics(settings)
+        self._checkpoint_event = (
+            self.metrics.checkpoint_event if self.metrics is not None else None
+        )
         self.stats = StatsCache(settings.stats_max_age)
         self.reply_bounds = {c.name: c.reply_bound(settings) for c in COMMANDS.values()}
 
@@ -248,6 +251,7 @@ class Dispatcher:
                 create_rate_spec=self.create_rate_spec,
                 requester=f"key:{identity}" if self.authenticated else f"addr:{peer}",
                 stats=self.stats,
+                checkpoint_event=self._checkpoint_event,
             )
             return command, command.handler(validated, ctx), reply_to, client_id
         except StuiError as exc:

@@ -70,6 +70,16 @@ class RegistryFull(StuiError):
     default_message = "object registry is full"
 
 
+class CheckpointNotFound(StuiError):
+    code = "CheckpointNotFound"
+    default_message = "no such checkpoint in this session"
+
+
+class CheckpointLimitExceeded(StuiError):
+    code = "CheckpointLimitExceeded"
+    default_message = "the session's checkpoints are at their cap"
+
+
 class StorageUnavailable(StuiError):
     code = "StorageUnavailable"
     default_message = "session store unavailable; safe to retry"
@@ -91,6 +101,8 @@ ALL_ERRORS: tuple[type[StuiError], ...] = (
     VersionConflict,
     PayloadTooLarge,
     RegistryFull,
+    CheckpointNotFound,
+    CheckpointLimitExceeded,
     StorageUnavailable,
     InternalError,
 )

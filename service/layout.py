@@ -13,6 +13,9 @@ A session hash (keys.session_key) holds:
     i, ih, so  inspector_state JSON, its history length, its selected object
     o:<id>     a registry entry (JSON)
     e:<n>      an evaluation history entry (JSON), n from eo to en
+    kh         the checkpoints' heads, see below (absent: none ever taken)
+    k:<id>     a checkpoint's snapshot
+    kl:<id>    a checkpoint's label (absent: none)
 
 `m` is the numbers of META, comma-separated, then the client id (which the
 protocol's pattern keeps free of commas):
@@ -35,6 +38,19 @@ protocol's pattern keeps free of commas):
     hb       history bytes
     wb, ib   workspace_context and inspector_state bytes
 
+Checkpoints live in the session hash, so they expire, go and are backed up
+with it, and a script reaches them through KEYS[1]. `kh` is
+`n;id,v,at,bytes,auto;...`: n the last id given (ids are never reused while
+the session lives), then one head per checkpoint, newest first: its id, the
+version it captured, when it was taken (ms), its snapshot's bytes, 1 when
+automatic. A snapshot (`k:<id>`) is three MessagePack arrays, written and
+read in C by Redis' cmsgpack (building one long string in Lua costs five
+times as much): the counters `sn,sb,sd,rn,ob,en,eo,hb,wb,ib`, then the names
+of every content field of state and context (s:*, w, wv, i, ih, so, o:*,
+e:*), then their values (pack_snapshot, parse_snapshot). Checkpoints do not
+count toward max_state_bytes; they have caps of their own (max_checkpoints,
+max_checkpoint_bytes, counted in snapshot bytes).
+
 A client index hash (keys.client_index_key) holds, per session id, the entry
 `xe|ke-xe|ca|lm-ca|to|v|a` (what list_client_sessions answers, short enough
 that a small index stays a listpack), and fields that start with `!`, which
@@ -52,7 +68,9 @@ next write (scripts.py, legacy_meta).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 META = ("xe", "ke", "v", "lm", "ca", "to", "a", "sn", "sb", "sd", "cb", "rn", "ob", "en", "eo",
         "hb", "wb", "ib")
@@ -68,6 +86,12 @@ LEGACY_META = ("c", "ca", "lm", "to", "v", "a", "sb", "xb", "rn", "en", "eo", "c
 # Fields that are the session's content, in both layouts.
 CONTENT = frozenset(b"ci w wv i ih so".split())
 CONTENT_PREFIXES = (b"s:", b"o:", b"e:")
+# What a checkpoint holds: the content above but client_info.
+SNAPSHOT_FIELDS = frozenset(b"w wv i ih so".split())
+CHECKPOINT_HEADS = b"kh"
+CHECKPOINT_PREFIX = b"k:"
+CHECKPOINT_LABEL_PREFIX = b"kl:"
+SNAPSHOT_COUNTERS = ("sn", "sb", "sd", "rn", "ob", "en", "eo", "hb", "wb", "ib")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +193,145 @@ def to_logical(fields: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, byt
         else:
             out.append((name, value))
     return out, xe
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointHead:
+    """One checkpoint as `kh` lists it."""
+
+    id: int
+    version: int
+    at: int  # ms
+    bytes: int  # of its snapshot
+    automatic: bool
+
+
+def parse_heads(packed: bytes | None) -> tuple[int, list[CheckpointHead]]:
+    """`kh`: the last id given and the heads, newest first ((0, []) when absent).
+    ValueError when it is not of that form."""
+    if not packed:
+        return 0, []
+    first, *rest = packed.split(b";")
+    heads = []
+    for part in rest:
+        cid, v, at, size, auto = (int(x) for x in part.split(b","))
+        if auto not in (0, 1):
+            raise ValueError("automatic is 0 or 1")
+        heads.append(CheckpointHead(cid, v, at, size, bool(auto)))
+    return int(first), heads
+
+
+def pack_heads(last_id: int, heads: list[CheckpointHead]) -> bytes:
+    parts = [b"%d" % last_id]
+    parts += [b"%d,%d,%d,%d,%d" % (h.id, h.version, h.at, h.bytes, h.automatic) for h in heads]
+    return b";".join(parts)
+
+
+def _mp_str(value: bytes) -> bytes:
+    n = len(value)
+    if n < 32:
+        return bytes([0xA0 | n]) + value
+    if n <= 0xFF:
+        return b"\xd9" + struct.pack(">B", n) + value
+    if n <= 0xFFFF:
+        return b"\xda" + struct.pack(">H", n) + value
+    return b"\xdb" + struct.pack(">I", n) + value
+
+
+def _mp_array(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n <= 0xFFFF:
+        return b"\xdc" + struct.pack(">H", n)
+    return b"\xdd" + struct.pack(">I", n)
+
+
+def _mp_uint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    for code, fmt, top in ((0xCC, ">B", 0xFF), (0xCD, ">H", 0xFFFF), (0xCE, ">I", 0xFFFFFFFF)):
+        if n <= top:
+            return bytes([code]) + struct.pack(fmt, n)
+    return b"\xcf" + struct.pack(">Q", n)
+
+
+def pack_snapshot(counters: dict[str, int], fields: list[tuple[bytes, bytes]]) -> bytes:
+    """A checkpoint's snapshot as the scripts write it with Redis' cmsgpack:
+    three MessagePack arrays, the counters (SNAPSHOT_COUNTERS), the field
+    names and their values (for tests and tools)."""
+    out = [_mp_array(len(SNAPSHOT_COUNTERS))]
+    out += [_mp_uint(counters[name]) for name in SNAPSHOT_COUNTERS]
+    for column in ([n for n, _ in fields], [v for _, v in fields]):
+        out.append(_mp_array(len(column)))
+        out += [_mp_str(x) for x in column]
+    return b"".join(out)
+
+
+class _Reader:
+    """Just the MessagePack a snapshot holds: arrays, unsigned integers and
+    strings (str or bin); anything else is malformed."""
+
+    _WIDTH: ClassVar[dict[int, int]] = {0: 1, 1: 2, 2: 4, 3: 8}
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("a snapshot is cut")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def _size(self, width: int) -> int:
+        return int.from_bytes(self._take(width), "big")
+
+    def array(self) -> int:
+        code = self._take(1)[0]
+        if 0x90 <= code <= 0x9F:
+            return code & 0x0F
+        if code in (0xDC, 0xDD):
+            return self._size(2 if code == 0xDC else 4)
+        raise ValueError("a snapshot part is not an array")
+
+    def uint(self) -> int:
+        code = self._take(1)[0]
+        if code < 0x80:
+            return code
+        if 0xCC <= code <= 0xCF:
+            return self._size(self._WIDTH[code - 0xCC])
+        raise ValueError("a snapshot counter is not a whole number")
+
+    def string(self) -> bytes:
+        code = self._take(1)[0]
+        if 0xA0 <= code <= 0xBF:
+            return self._take(code & 0x1F)
+        if 0xD9 <= code <= 0xDB:
+            return self._take(self._size(self._WIDTH[code - 0xD9]))
+        if 0xC4 <= code <= 0xC6:
+            return self._take(self._size(self._WIDTH[code - 0xC4]))
+        raise ValueError("a snapshot name or value is not a string")
+
+
+def parse_snapshot(blob: bytes) -> tuple[dict[str, int], list[tuple[bytes, bytes]]]:
+    """The counters and the fields of a snapshot; ValueError when malformed."""
+    reader = _Reader(blob)
+    if reader.array() != len(SNAPSHOT_COUNTERS):
+        raise ValueError("a snapshot starts with its counters")
+    counters = {name: reader.uint() for name in SNAPSHOT_COUNTERS}
+    names = [reader.string() for _ in range(reader.array())]
+    values = [reader.string() for _ in range(reader.array())]
+    if reader.pos != len(blob) or len(names) != len(values):
+        raise ValueError("a snapshot has names and values that do not pair")
+    for name in names:
+        if name not in SNAPSHOT_FIELDS and name[:2] not in CONTENT_PREFIXES:
+            raise ValueError("a snapshot holds a field that is not state or context")
+    return counters, list(zip(names, values, strict=True))
+
+
+def is_checkpoint_field(name: bytes) -> bool:
+    return (
+        name == CHECKPOINT_HEADS
+        or name.startswith(CHECKPOINT_PREFIX)
+        or name.startswith(CHECKPOINT_LABEL_PREFIX)
+    )

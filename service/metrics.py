@@ -68,6 +68,13 @@ def setup(settings: Settings) -> bool:
     return True
 
 
+# What the checkpoint handlers report (Ctx.checkpoint_event): kind_outcome,
+# and a restore.
+CHECKPOINT_EVENTS = frozenset(
+    {"manual_taken", "manual_refused", "automatic_taken", "automatic_skipped", "restored"}
+)
+
+
 class FrontMetrics:
     """The front worker's metrics. One instance per process: two instances
     would overwrite each other's values in the shared file.
@@ -114,6 +121,19 @@ class FrontMetrics:
             ["reason"],
             registry=registry,
         )
+        self.checkpoints = Counter(
+            "stui_sessions_checkpoints_total",
+            "Checkpoints by kind (manual, automatic) and outcome: taken, refused at the "
+            "caps (manual), skipped at the caps (automatic).",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.checkpoint_restores = Counter(
+            "stui_sessions_checkpoint_restores_total",
+            "Checkpoints restored (restore_checkpoint succeeded).",
+            registry=registry,
+        )
+        self._checkpoint_events: Tally[str] = Tally()
         self.batch_size = Histogram(
             "stui_sessions_batch_size",
             "Requests read and answered together (one Redis pipeline).",
@@ -167,6 +187,10 @@ class FrontMetrics:
         self._batches[bisect_left(self._batch_bounds, len(labels))] += 1
         self._batches[-1] += len(labels)
 
+    def checkpoint_event(self, event: str) -> None:
+        """One of CHECKPOINT_EVENTS, counted in memory until the next flush."""
+        self._checkpoint_events[event] += 1
+
     def tick(self) -> None:
         now = time.monotonic()
         if now >= self._due:
@@ -180,6 +204,13 @@ class FrontMetrics:
         for command, pending in self._durations.items():
             _add(self._histogram(command), pending)
         self._durations.clear()
+        for event, n in self._checkpoint_events.items():
+            if event == "restored":
+                self.checkpoint_restores.inc(n)
+            elif event in CHECKPOINT_EVENTS:
+                kind, outcome = event.split("_")
+                self.checkpoints.labels(kind, outcome).inc(n)
+        self._checkpoint_events.clear()
         if self._batches[-1]:
             _add(self.batch_size, self._batches)
             self._batches = [0.0] * len(self._batches)

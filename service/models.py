@@ -146,6 +146,25 @@ class ReleaseObject(SessionRef):
     object_id: ObjectId
 
 
+CheckpointId = Annotated[int, Field(ge=1, le=2**53)]
+# Characters, as the protocol counts them (a label is stored as it is given).
+CHECKPOINT_LABEL_MAX = 128
+
+
+class CreateCheckpoint(SessionRef):
+    label: Annotated[str, StringConstraints(max_length=CHECKPOINT_LABEL_MAX)] | None = None
+    expected_version: Version | None = None
+
+
+class RestoreCheckpoint(SessionRef):
+    checkpoint_id: CheckpointId
+    expected_version: Version | None = None
+
+
+class DeleteCheckpoint(SessionRef):
+    checkpoint_id: CheckpointId
+
+
 class Ping(_Strict):
     message: Annotated[str, StringConstraints(max_length=4096)] | None = None
     client_id: ClientId | None = None

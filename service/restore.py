@@ -14,13 +14,24 @@ first characters and the reason, never its data. The size counters (layout.META)
 are recomputed from the fields themselves, so a tampered
 counter cannot make a session look smaller or make a script loop over a
 forged history range.
+
+Checkpoints (kh, k:<id>, kl:<id>, service/layout.py) are written back byte
+for byte, so each is checked as thoroughly: kh in the form the scripts
+write, every head with its snapshot and no snapshot or label without one,
+ids unique and at most kh's last id, the caps (max_checkpoints,
+max_checkpoint_bytes; they do not count toward max_state_bytes), labels.
+A snapshot's counters are not recomputed (restore_checkpoint applies them
+as they are), so they must agree with its fields: counts and the history
+range exact, bytes at least what the fields hold (sb is an upper bound).
+Its content passes the checks of the session's own (what restore_checkpoint
+puts back must be a session this service could hold), JSON included.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -61,6 +72,7 @@ class RestoreResult:
     newer: int = 0  # Redis holds the same or a newer version: skipped (unless force)
     over_limit: int = 0  # the client already has its maximum of live sessions: skipped
     invalid: int = 0  # refused by check_session (see the log): skipped
+    checkpoints: int = 0  # that the restored sessions hold
 
 
 def _number(meta: dict[bytes, bytes], name: bytes, low: int, high: int) -> int:
@@ -78,6 +90,101 @@ def _json(value: bytes, what: str) -> None:
         raise Invalid(f"{what} is not valid JSON") from None
 
 
+@dataclass(slots=True)
+class _Content:
+    """The state and context fields of a session or of a checkpoint's snapshot,
+    sorted (_sort), and what _check_content counted of them."""
+
+    parts: dict[bytes, bytes] = field(default_factory=dict)  # w, wv, i, ih, so (and the metadata)
+    state: list[tuple[bytes, bytes]] = field(default_factory=list)
+    registry: list[tuple[bytes, bytes]] = field(default_factory=list)
+    history: dict[int, bytes] = field(default_factory=dict)
+    state_bytes: int = 0
+    registry_bytes: int = 0
+    history_bytes: int = 0
+    newest: int = 0  # en
+    oldest: int = 1  # eo
+
+
+def _sort(content: _Content, name: bytes, value: bytes) -> bool:
+    """Files a state, registry or history field; False when it is none of them."""
+    if name.startswith(b"s:"):
+        content.state.append((name[2:], value))
+    elif name.startswith(b"o:"):
+        try:
+            oid = name[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid("a registry id is not UTF-8") from None
+        if not 1 <= len(oid) <= MAX_OBJECT_ID:
+            raise Invalid(f"a registry id is not 1..{MAX_OBJECT_ID} characters")
+        content.registry.append((name[2:], value))
+    elif name.startswith(b"e:") and _CANONICAL.fullmatch(name[2:]) and name != b"e:0":
+        content.history[int(name[2:])] = value
+    else:
+        return False
+    return True
+
+
+def _check_content(content: _Content, ci_bytes: int, settings: Settings) -> None:
+    """The checks of state and context that a session and a snapshot share:
+    layout, counts, cost (with ci_bytes of client_info), every JSON value.
+    Fills in the byte counts and the history range."""
+    parts = content.parts
+    for name, part in ((b"wv", b"w"), (b"ih", b"i"), (b"so", b"i")):
+        if name in parts and part not in parts:
+            raise Invalid(f"field {name.decode()!r} without {part.decode()!r}")
+    for name in (b"wv", b"ih"):
+        if name in parts:
+            _number(parts, name, 0, MAX_MS)
+    state, registry, history = content.state, content.registry, content.history
+    if len(state) > settings.max_state_keys:
+        raise Invalid(f"{len(state)} state keys, over max_state_keys {settings.max_state_keys}")
+    if len(registry) > settings.max_registry_size:
+        raise Invalid(
+            f"{len(registry)} registry entries, over max_registry_size {settings.max_registry_size}"
+        )
+    if len(history) > settings.history_limit:
+        raise Invalid(
+            f"{len(history)} history entries, over history_limit {settings.history_limit}"
+        )
+    if history:
+        content.newest, content.oldest = max(history), min(history)
+        if content.newest - content.oldest + 1 != len(history):
+            raise Invalid("the history entries are not numbered consecutively")
+
+    # Counted as the scripts count (klen is limits.key_weight).
+    content.state_bytes = sum(limits.key_weight(k) + len(v) for k, v in state)
+    content.registry_bytes = sum(limits.key_weight(k) + len(v) for k, v in registry)
+    content.history_bytes = sum(len(v) for v in history.values())
+    context_bytes = (
+        len(parts.get(b"w", b""))
+        + len(parts.get(b"i", b""))
+        + content.registry_bytes
+        + content.history_bytes
+    )
+    entries = len(state) + len(registry) + len(history)
+    cost = limits.session_cost(content.state_bytes, context_bytes, ci_bytes, entries)
+    if cost > settings.max_state_bytes:
+        raise Invalid(f"costs {cost} bytes, over max_state_bytes {settings.max_state_bytes}")
+
+    # Only now that the sizes are known to be small: every stored JSON value.
+    for what, name in (
+        ("workspace_context", b"w"),
+        ("inspector_state", b"i"),
+        ("the selected object", b"so"),
+    ):
+        if name in parts:
+            _json(parts[name], what)
+    if b"so" in parts and len(parts[b"so"]) > len(parts[b"i"]):
+        raise Invalid("the selected object is larger than the inspector state")
+    for _, value in state:
+        _json(value, "a state value")
+    for _, value in registry:
+        _json(value, "a registry entry")
+    for value in history.values():
+        _json(value, "a history entry")
+
+
 def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
     """The record as restore writes it, its counters recomputed from its
     fields; Invalid(reason) when it is not a session this service could hold
@@ -86,27 +193,16 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
         raise Invalid(why)
     if len({name for name, _ in rec.fields}) != len(rec.fields):
         raise Invalid("a field appears twice")
-    meta: dict[bytes, bytes] = {}
-    state: list[tuple[bytes, bytes]] = []
-    registry: list[tuple[bytes, bytes]] = []
-    history: dict[int, bytes] = {}
+    content = _Content()
+    meta = content.parts
+    checkpoints: dict[bytes, bytes] = {}
     for name, value in rec.fields:
         if name in KNOWN_FIELDS:
             meta[name] = value
-        elif name.startswith(b"s:"):
-            state.append((name[2:], value))
-        elif name.startswith(b"o:"):
-            try:
-                oid = name[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                raise Invalid("a registry id is not UTF-8") from None
-            if not 1 <= len(oid) <= MAX_OBJECT_ID:
-                raise Invalid(f"a registry id is not 1..{MAX_OBJECT_ID} characters")
-            registry.append((name[2:], value))
-        elif name.startswith(b"e:") and _CANONICAL.fullmatch(name[2:]) and name != b"e:0":
-            history[int(name[2:])] = value
-        else:
-            raise Invalid(f"unknown field {name[:32].decode('utf-8', 'replace')!r}")
+        elif layout.is_checkpoint_field(name):
+            checkpoints[name] = value
+        elif not _sort(content, name, value):
+            raise Invalid(f"unknown field {_shown(name)}")
 
     try:
         client_id = meta[b"c"].decode("utf-8")
@@ -121,75 +217,140 @@ def check_session(rec: SessionRecord, settings: Settings) -> SessionRecord:
     _number(meta, b"lm", 0, MAX_MS)
     if not 0 <= rec.read_ms <= MAX_MS or not (rec.ttl_ms is None or 0 <= rec.ttl_ms <= MAX_MS):
         raise Invalid("read_ms or ttl_ms out of range")
-    for name, part in ((b"wv", b"w"), (b"ih", b"i"), (b"so", b"i")):
-        if name in meta and part not in meta:
-            raise Invalid(f"field {name.decode()!r} without {part.decode()!r}")
-    for name in (b"wv", b"ih"):
-        if name in meta:
-            _number(meta, name, 0, MAX_MS)
-
     ci = meta.get(b"ci", b"")
     if len(ci) > settings.client_info_cap:
         raise Invalid(f"client_info is {len(ci)} bytes, over {settings.client_info_cap}")
-    if len(state) > settings.max_state_keys:
-        raise Invalid(f"{len(state)} state keys, over max_state_keys {settings.max_state_keys}")
-    if len(registry) > settings.max_registry_size:
-        raise Invalid(
-            f"{len(registry)} registry entries, over max_registry_size {settings.max_registry_size}"
-        )
-    if len(history) > settings.history_limit:
-        raise Invalid(
-            f"{len(history)} history entries, over history_limit {settings.history_limit}"
-        )
-    if history:
-        newest, oldest = max(history), min(history)
-        if newest - oldest + 1 != len(history):
-            raise Invalid("the history entries are not numbered consecutively")
-    else:
-        newest, oldest = 0, 1
-
-    # Counted as the scripts count (klen is limits.key_weight).
-    state_bytes = sum(limits.key_weight(k) + len(v) for k, v in state)
-    registry_bytes = sum(limits.key_weight(k) + len(v) for k, v in registry)
-    history_bytes = sum(len(v) for v in history.values())
-    context_bytes = (
-        len(meta.get(b"w", b""))
-        + len(meta.get(b"i", b""))
-        + registry_bytes
-        + history_bytes
-    )
-    entries = len(state) + len(registry) + len(history)
-    cost = limits.session_cost(state_bytes, context_bytes, len(ci), entries)
-    if cost > settings.max_state_bytes:
-        raise Invalid(f"costs {cost} bytes, over max_state_bytes {settings.max_state_bytes}")
-
-    # Only now that the sizes are known to be small: every stored JSON value.
-    for what, name in (("client_info", b"ci"), ("workspace_context", b"w")):
-        if name in meta:
-            _json(meta[name], what)
-    for what, name in (("inspector_state", b"i"), ("the selected object", b"so")):
-        if name in meta:
-            _json(meta[name], what)
-    if b"so" in meta and len(meta[b"so"]) > len(meta[b"i"]):
-        raise Invalid("the selected object is larger than the inspector state")
-    for _, value in state:
-        _json(value, "a state value")
-    for _, value in registry:
-        _json(value, "a registry entry")
-    for value in history.values():
-        _json(value, "a history entry")
+    _check_content(content, len(ci), settings)
+    if b"ci" in meta:
+        _json(ci, "client_info")
+    if checkpoints:
+        _check_checkpoints(checkpoints, len(ci), settings)
 
     template = layout.pack_template(
         v=int(meta[b"v"]), lm=int(meta[b"lm"]), ca=int(meta[b"ca"]), to=int(meta[b"to"]),
-        a=int(meta[b"a"]), sn=len(state), sb=state_bytes, cb=len(ci), rn=len(registry),
-        ob=registry_bytes, en=newest, eo=oldest, hb=history_bytes,
-        wb=len(meta.get(b"w", b"")), ib=len(meta.get(b"i", b"")), c=client_id,
+        a=int(meta[b"a"]), sn=len(content.state), sb=content.state_bytes, cb=len(ci),
+        rn=len(content.registry), ob=content.registry_bytes, en=content.newest,
+        eo=content.oldest, hb=content.history_bytes, wb=len(meta.get(b"w", b"")),
+        ib=len(meta.get(b"i", b"")), c=client_id,
     )
     # The metadata as this release stores it (its first pair: the template
-    # that restore_backup completes with the clock), then the content only.
+    # that restore_backup completes with the clock), then the content and
+    # the checkpoints, as they are.
     fields = [(layout.META_FIELD, template)]
-    fields += [(n, v) for n, v in rec.fields if n in layout.CONTENT or n[:2] in PREFIXES]
+    fields += [
+        (n, v)
+        for n, v in rec.fields
+        if n in layout.CONTENT or n[:2] in PREFIXES or n in checkpoints
+    ]
     return replace(rec, fields=fields)
+
+
+def _shown(name: bytes) -> str:
+    return repr(name[:32].decode("utf-8", "replace"))
+
+
+def _check_checkpoints(fields: dict[bytes, bytes], ci_bytes: int, settings: Settings) -> None:
+    """Invalid unless kh, k:<id> and kl:<id> are checkpoints the scripts could
+    have written and restore_checkpoint can apply (see the module docstring)."""
+    packed = fields.get(layout.CHECKPOINT_HEADS)
+    if packed is None:
+        raise Invalid("checkpoint fields without kh")
+    try:
+        last, heads = layout.parse_heads(packed)
+    except ValueError:
+        raise Invalid("kh is not a list of checkpoint heads") from None
+    # The scripts read kh with a Lua pattern: only the form they write passes.
+    if layout.pack_heads(last, heads) != packed or not 0 <= last <= MAX_MS:
+        raise Invalid("kh is not of the form the scripts write")
+    if len(heads) > settings.max_checkpoints:
+        raise Invalid(f"{len(heads)} checkpoints, over max_checkpoints {settings.max_checkpoints}")
+    ids = {h.id for h in heads}
+    if len(ids) != len(heads):
+        raise Invalid("a checkpoint id appears twice in kh")
+    for h in heads:
+        if not 1 <= h.id <= last:
+            raise Invalid(f"checkpoint id {h.id} is not in 1..{last} (kh's last id)")
+        if not 1 <= h.version <= limits.MAX_VERSION or not 0 <= h.at <= MAX_MS:
+            raise Invalid(f"checkpoint {h.id}: its version or time is out of range")
+
+    snapshots: dict[int, bytes] = {}
+    labels: dict[int, bytes] = {}
+    for name, value in fields.items():
+        if name == layout.CHECKPOINT_HEADS:
+            continue
+        if name.startswith(layout.CHECKPOINT_PREFIX):
+            into, digits = snapshots, name[len(layout.CHECKPOINT_PREFIX) :]
+        else:
+            into, digits = labels, name[len(layout.CHECKPOINT_LABEL_PREFIX) :]
+        if not _CANONICAL.fullmatch(digits) or int(digits) not in ids:
+            raise Invalid(f"checkpoint field {_shown(name)} without its head in kh")
+        into[int(digits)] = value
+    total = 0
+    for h in heads:
+        blob = snapshots.get(h.id)
+        if blob is None:
+            raise Invalid(f"checkpoint {h.id} has no snapshot")
+        if h.bytes != len(blob):
+            raise Invalid(
+                f"checkpoint {h.id}: kh says {h.bytes} bytes, its snapshot is {len(blob)}"
+            )
+        total += len(blob)
+    if total > settings.max_checkpoint_bytes:
+        raise Invalid(
+            f"checkpoints of {total} bytes, over max_checkpoint_bytes "
+            f"{settings.max_checkpoint_bytes}"
+        )
+    for cid, label in labels.items():
+        try:
+            text = label.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid(f"checkpoint {cid}: its label is not UTF-8") from None
+        if len(text) > models.CHECKPOINT_LABEL_MAX:
+            raise Invalid(
+                f"checkpoint {cid}: its label is over {models.CHECKPOINT_LABEL_MAX} characters"
+            )
+    for h in heads:
+        try:
+            _check_snapshot(snapshots[h.id], ci_bytes, settings)
+        except Invalid as why:
+            raise Invalid(f"checkpoint {h.id}: {why}") from None
+
+
+def _check_snapshot(blob: bytes, ci_bytes: int, settings: Settings) -> None:
+    try:
+        counters, pairs = layout.parse_snapshot(blob)
+    except ValueError as exc:  # its messages say what, never hold data
+        raise Invalid(str(exc)) from None
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise Invalid("a field appears twice in its snapshot")
+    content = _Content()
+    for name, value in pairs:
+        if name in layout.SNAPSHOT_FIELDS:
+            content.parts[name] = value
+        elif not _sort(content, name, value):
+            raise Invalid(f"its snapshot holds an unknown field {_shown(name)}")
+    # client_info is not in a snapshot: restoring one keeps the session's.
+    _check_content(content, ci_bytes, settings)
+    if any(n > MAX_MS for n in counters.values()):
+        raise Invalid("a snapshot counter is out of range")
+    c = counters
+    if (c["sn"], c["rn"]) != (len(content.state), len(content.registry)):
+        raise Invalid("its snapshot's counts do not match its fields")
+    if content.history:
+        in_range = (c["eo"], c["en"]) == (content.oldest, content.newest)
+    else:
+        in_range = c["eo"] == c["en"] + 1
+    if not in_range:
+        raise Invalid("its snapshot's history range does not match its entries")
+    exact = {
+        "sb": content.state_bytes,
+        "ob": content.registry_bytes,
+        "hb": content.history_bytes,
+        "wb": len(content.parts.get(b"w", b"")),
+        "ib": len(content.parts.get(b"i", b"")),
+    }
+    if any(c[name] < n for name, n in exact.items()):
+        raise Invalid("its snapshot's counters make it look smaller than it is")
 
 
 def restore_backup(
@@ -270,7 +431,7 @@ def _restore_batch(
         replies = Store(client).run(calls)
     except StorageUnavailable:
         raise redis.ConnectionError("Redis became unavailable during the restore") from None
-    for reply in replies:
+    for rec, reply in zip(batch, replies, strict=True):
         if isinstance(reply, StorageUnavailable):
             raise redis.ConnectionError("Redis refused a restore write (try again)")
         if isinstance(reply, Exception):
@@ -278,6 +439,7 @@ def _restore_batch(
         status = reply[0]
         if status == b"OK":
             result.restored += 1
+            result.checkpoints += rec.checkpoints
         elif status == b"EXPIRED":
             result.expired += 1
         elif status == b"NEWER":

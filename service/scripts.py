@@ -382,6 +382,163 @@ local function client_refresh(skip)
   idx_set('!c', latest)
   return live
 end
+
+-- The content fields of the session into reply (field, value, ...), without
+-- reading the checkpoints: every field but m, q, kh, k:* and kl:*
+-- (context_only: w, i, o:* and e:*, what load_context sends).
+local function content_of(reply, context_only)
+  local names = {}
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local p = string.sub(f, 1, 2)
+    local keep
+    if context_only then keep = f == 'w' or f == 'i' or p == 'o:' or p == 'e:'
+    else
+      keep = f ~= 'm' and f ~= 'q' and f ~= 'kh' and p ~= 'k:' and string.sub(f, 1, 3) ~= 'kl:'
+    end
+    if keep then names[#names + 1] = f end
+  end
+  for s = 1, #names, 1000 do
+    local last = math.min(s + 999, #names)
+    local values = redis.call('HMGET', KEYS[1], unpack(names, s, last))
+    for j = 1, last - s + 1 do
+      reply[#reply + 1] = names[s + j - 1]; reply[#reply + 1] = values[j]
+    end
+  end
+  return reply
+end
+
+-- Checkpoints (layout.py), as one kit: the heads in 'kh'
+-- ('n;id,v,at,bytes,auto;...', newest first), each snapshot in 'k:<id>', its
+-- label in 'kl:<id>'. A script that may touch them calls checkpoint_kit()
+-- when it does: its helpers are closures, built only then (an update's
+-- merge never pays for them). A book gathers a script's changes: sets (for
+-- session_write) and dels (HDEL).
+local function checkpoint_kit()
+  local function ckpt_open(kh)
+    local book = {n = 0, list = {}, sets = {}, dels = {}}
+    if not kh then return book end
+    book.n = tonumber(string.match(kh, '^(%d+)'))
+    for id, v, at, b, auto in string.gmatch(kh, ';(%d+),(%d+),(%d+),(%d+),(%d)') do
+      book.list[#book.list + 1] = {id = id, v = v, at = at, b = tonumber(b), auto = auto}
+    end
+    return book
+  end
+  local function ckpt_heads(book)
+    local out = {str(book.n)}
+    for _, c in ipairs(book.list) do
+      out[#out + 1] = string.format('%s,%s,%s,%d,%s', c.id, c.v, c.at, c.b, c.auto)
+    end
+    return table.concat(out, ';')
+  end
+  -- A field of the session's state or context (what a snapshot holds).
+  local function is_content(f)
+    local p = string.sub(f, 1, 2)
+    return p == 's:' or p == 'o:' or p == 'e:' or f == 'w' or f == 'wv' or f == 'i'
+      or f == 'ih' or f == 'so'
+  end
+  -- The session's state and context fields: names, and values. While the
+  -- checkpoints' snapshots are small (SNAPSHOT_HGETALL bytes in all) one
+  -- HGETALL reads them with the rest, cheaper than an HKEYS and an HMGET.
+  local SNAPSHOT_HGETALL = 16384
+  local function snapshot_read(book)
+    local names, values, total = {}, {}, 0
+    for _, c in ipairs(book.list) do total = total + c.b end
+    if total <= SNAPSHOT_HGETALL then
+      local all = redis.call('HGETALL', KEYS[1])
+      for i = 1, #all, 2 do
+        if is_content(all[i]) then
+          names[#names + 1] = all[i]; values[#values + 1] = all[i + 1]
+        end
+      end
+      return names, values
+    end
+    for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if is_content(f) then names[#names + 1] = f end
+    end
+    for s = 1, #names, 1000 do
+      local got = redis.call('HMGET', KEYS[1], unpack(names, s, math.min(s + 999, #names)))
+      for j = 1, #got do values[#values + 1] = got[j] end
+    end
+    return names, values
+  end
+  -- The session's state and context as one value (layout.pack_snapshot):
+  -- cmsgpack packs in C what a Lua concatenation would copy over and over.
+  local function snapshot_of(m, names, values)
+    local counters = {m.sn, m.sb, m.sd, m.rn, m.ob, m.en, m.eo, m.hb, m.wb, m.ib}
+    return cmsgpack.pack(counters, names, values)
+  end
+  -- A new checkpoint of the session as it is now, unless the caps refuse it:
+  -- over max_checkpoints (maxn) or max_checkpoint_bytes (maxb), the oldest
+  -- automatic ones give way (never `keep`, the id a restore reads); when only
+  -- manual ones are left to go, nothing changes and it returns nil and the cap
+  -- ('count' or 'bytes'). Else the new head, its snapshot in book.sets.
+  local function ckpt_take(book, m, names, values, label, auto, maxn, maxb, keep)
+    local blob = snapshot_of(m, names, values)
+    local total, count = #blob, #book.list + 1
+    for _, c in ipairs(book.list) do total = total + c.b end
+    local gone, i = {}, #book.list
+    while count > maxn or total > maxb do
+      while i >= 1 and (book.list[i].auto ~= '1' or book.list[i].id == keep) do i = i - 1 end
+      if i < 1 then
+        if count > maxn then return nil, 'count' end
+        return nil, 'bytes'
+      end
+      gone[book.list[i].id] = true
+      total, count, i = total - book.list[i].b, count - 1, i - 1
+    end
+    local kept = {}
+    for _, c in ipairs(book.list) do
+      if gone[c.id] then
+        book.dels[#book.dels + 1] = 'k:' .. c.id; book.dels[#book.dels + 1] = 'kl:' .. c.id
+      else kept[#kept + 1] = c end
+    end
+    book.n = book.n + 1
+    local head = {id = string.format('%d', book.n), v = string.format('%d', m.v),
+      at = string.format('%d', now), b = #blob, auto = auto}
+    table.insert(kept, 1, head)
+    book.list = kept
+    local sets = book.sets
+    sets[#sets + 1] = 'k:' .. head.id; sets[#sets + 1] = blob
+    if label then sets[#sets + 1] = 'kl:' .. head.id; sets[#sets + 1] = label end
+    return head
+  end
+  -- Removes checkpoint id from the book; false when there is none.
+  local function ckpt_remove(book, id)
+    for i, c in ipairs(book.list) do
+      if c.id == id then
+        table.remove(book.list, i)
+        book.dels[#book.dels + 1] = 'k:' .. id; book.dels[#book.dels + 1] = 'kl:' .. id
+        return true
+      end
+    end
+    return false
+  end
+  -- A snapshot's counters into m; its fields as HSET pairs.
+  local function snapshot_apply(m, blob)
+    local c, names, values = cmsgpack.unpack(blob)
+    m.sn, m.sb, m.sd, m.rn, m.ob, m.en, m.eo, m.hb, m.wb, m.ib = unpack(c)
+    local sets = {}
+    for i = 1, #names do sets[#sets + 1] = names[i]; sets[#sets + 1] = values[i] end
+    return sets
+  end
+  -- book.sets with the new heads: what session_write stores of the book.
+  local function ckpt_sets(book)
+    local sets = book.sets
+    sets[#sets + 1] = 'kh'; sets[#sets + 1] = ckpt_heads(book)
+    return sets
+  end
+  -- An automatic checkpoint before a command overwrites state or context:
+  -- taken when the caps allow (ARGV positions of maxn and maxb given), else
+  -- skipped; the command goes on either way. Returns 1 taken, 0 skipped.
+  local function ckpt_auto(book, m, names, values, command, maxn_at, keep)
+    local head = ckpt_take(book, m, names, values, 'before ' .. command, '1',
+      tonumber(ARGV[maxn_at]), tonumber(ARGV[maxn_at + 1]), keep)
+    if head then return 1 end
+    return 0
+  end
+  return {open = ckpt_open, read = snapshot_read, take = ckpt_take, auto = ckpt_auto,
+          remove = ckpt_remove, apply = snapshot_apply, sets = ckpt_sets}
+end
 """
 
 
@@ -501,19 +658,21 @@ RESTORE = _script(
     r"""
 -- restore_session: reactivate, refresh, return everything.
 -- ARGV: common only.
--- Returns {'OK', now_ms, m, field1, value1, ...} (the content fields: every
---   field but m and q) | {'NOTFOUND'}.
+-- Returns {'OK', now_ms, m, kh | false, field1, value1, ...} (the content
+--   fields: every field but m, q and the checkpoints') | {'NOTFOUND'}. Without
+--   checkpoints (no kh) one HGETALL; with them, their snapshots are not read.
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('kh')
 if not m then return {'NOTFOUND'} end
 m.a = 1
 local moved = refresh(m)
 session_write(m, {})
 index_write(m, moved, idx)
 idx_flush(idx)
-local reply = {'OK', now, pack_meta(m)}
+local reply = {'OK', now, pack_meta(m), m.extra[1] or false}
+if m.extra[1] then return content_of(reply, false) end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local f = all[i]
@@ -528,9 +687,12 @@ UPDATE = _script(
     r"""
 -- update_session_state: top-level merge (or replace) of the state.
 -- ARGV[7] expected version or '', ARGV[8] '1' to replace the whole state,
---   ARGV[9] max session bytes, ARGV[10] max state keys,
---   ARGV[11..] key, JSON value pairs ('' removes the key), each key once.
--- Returns {'OK', version, last_modified_ms, 's:key', json, ...} | {'NOTFOUND'}
+--   ARGV[9] max session bytes, ARGV[10] max state keys, ARGV[11] max
+--   checkpoints, ARGV[12] max checkpoint bytes (a replace first takes an
+--   automatic checkpoint when the caps allow),
+--   ARGV[13..] key, JSON value pairs ('' removes the key), each key once.
+-- Returns {'OK', version, last_modified_ms, automatic checkpoint taken (1/0),
+--   's:key', json, ...} | {'NOTFOUND'}
 --   | {'CONFLICT', version} | {'TOOLARGE'} | {'TOOMANYKEYS'} | {'REUSED'}.
 --   The fields are the state keys the update did not name (none after a
 --   replace): the caller has the others, so they are not read back.
@@ -538,7 +700,7 @@ local replace = ARGV[8] == '1'
 local function untouched(reply, sn)
   if replace then return reply end
   local named, kept = {}, 0
-  for i = 11, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     named['s:' .. ARGV[i]] = true
     if ARGV[i + 1] ~= '' then kept = kept + 1 end
   end
@@ -560,17 +722,26 @@ end
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('kh')
 if not m then return {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then
   if r[1] == 'REUSED' then return r end
-  return untouched({'OK', r[2], r.at})
+  return untouched({'OK', r[2], r.at, 0})
 end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
+-- Taken now, of the state before any change; written only if the update is.
+local ck, book, took, names = nil, nil, 0, nil
+if replace then
+  ck = checkpoint_kit()
+  book = ck.open(m.extra[1])
+  local values
+  names, values = ck.read(book)
+  took = ck.auto(book, m, names, values, 'update_session_state', 11, '')
+end
 local before, keys_before = cost(m), m.sn
 local sets, dels, nset, add = {}, {}, 0, 0
-for i = 11, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   if ARGV[i + 1] == '' then dels[#dels + 1] = 's:' .. ARGV[i]
   else
     sets[#sets + 1] = 's:' .. ARGV[i]; sets[#sets + 1] = ARGV[i + 1]
@@ -587,7 +758,10 @@ end
 local old, exact = {}, replace
 local maxkeys = tonumber(ARGV[10])
 if replace then
-  old = prefixed('s:')
+  -- The state's keys, from the names the checkpoint read (one HKEYS).
+  for _, f in ipairs(names) do
+    if string.sub(f, 1, 2) == 's:' then old[#old + 1] = f end
+  end
   m.sb, m.sn, m.sd = add, nset, 0
 else
   local sb, sn = m.sb, m.sn
@@ -596,7 +770,7 @@ else
     exact = true
     local function named_delta(base)
       m.sb, m.sn = base, sn
-      for i = 11, #ARGV, 2 do
+      for i = 13, #ARGV, 2 do
         local n = redis.call('HSTRLEN', KEYS[1], 's:' .. ARGV[i])
         if n > 0 then m.sb, m.sn = m.sb - klen(ARGV[i]) - n, m.sn - 1 end
         if ARGV[i + 1] ~= '' then m.sb, m.sn = m.sb + klen(ARGV[i]) + #ARGV[i + 1], m.sn + 1 end
@@ -632,7 +806,7 @@ if replace then
 end
 m.v, m.lm = m.v + 1, now
 local moved = refresh(m)
-local reply = {'OK', m.v, now}
+local reply = {'OK', m.v, now, took}
 local q_new = false
 if ARGV[2] ~= '' then
   sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2)  -- v (lm is at)
@@ -640,7 +814,8 @@ if ARGV[2] ~= '' then
 end
 if replace then
   -- The old keys go first, the new ones after: a key in both stays.
-  session_write(m, {})
+  session_write(m, ck.sets(book))
+  chunked('HDEL', KEYS[1], book.dels)
   chunked('HDEL', KEYS[1], old)
   chunked('HSET', KEYS[1], sets)
 else
@@ -704,14 +879,14 @@ INFO = _script(
     r"""
 -- get_session_info (no refresh).
 -- ARGV: common only.
--- Returns {'OK', now_ms, m, client_info JSON | false} | {'NOTFOUND'}.
+-- Returns {'OK', now_ms, m, client_info JSON | false, kh | false} | {'NOTFOUND'}.
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('ci')
+local m = load_meta('ci', 'kh')
 if not m then return {'NOTFOUND'} end
 idx_flush(idx)
-return {'OK', now, pack_meta(m), m.extra[1] or false}
+return {'OK', now, pack_meta(m), m.extra[1] or false, m.extra[2] or false}
 """,
 )
 
@@ -865,13 +1040,14 @@ LOAD_CONTEXT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('kh')
 if not m then return {'NOTFOUND'} end
 local moved = refresh(m)
 session_write(m, {})
 index_write(m, moved, idx)
 idx_flush(idx)
 local reply = {'OK'}
+if m.extra[1] then return content_of(reply, true) end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local f = all[i]
@@ -909,21 +1085,30 @@ CLEAR_CONTEXT = _script(
     r"""
 -- clear_context.
 -- ARGV[7] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
--- Returns {'OK', version} | {'NOTFOUND'} | {'REUSED'}.
+-- ARGV[8] max checkpoints, ARGV[9] max checkpoint bytes: an automatic
+--   checkpoint of state and context comes first, when the caps allow.
+-- Returns {'OK', version, automatic checkpoint taken (1/0)} | {'NOTFOUND'} | {'REUSED'}.
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
+local m = load_meta('kh')
 if not m then return {'NOTFOUND'} end
 local r = replay_lookup(m.q)
-if r then return r end
+if r then r[3] = 0; return r end
+local ck = checkpoint_kit()
+local book = ck.open(m.extra[1])
+local names, values = ck.read(book)
+local took = ck.auto(book, m, names, values, 'clear_context', 8, '')
 local parts = ARGV[7]
 local del = {}
 local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
 if has('w') then m.wb = 0; del[#del + 1] = 'w'; del[#del + 1] = 'wv' end
 if has('i') then m.ib = 0; del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so' end
 if has('o') then
-  for _, f in ipairs(prefixed('o:')) do del[#del + 1] = f end
+  -- The registry's fields, from the names the checkpoint read.
+  for _, f in ipairs(names) do
+    if string.sub(f, 1, 2) == 'o:' then del[#del + 1] = f end
+  end
   m.ob, m.rn = 0, 0
 end
 if has('e') then
@@ -932,10 +1117,11 @@ if has('e') then
 end
 m.v, m.lm = m.v + 1, now
 local moved = refresh(m)
-local reply = {'OK', m.v}
-local sets = {}
-if ARGV[2] ~= '' then sets = {'q', replay_add(m.q, reply, 2)} end
+local reply = {'OK', m.v, took}
+local sets = ck.sets(book)
+if ARGV[2] ~= '' then sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2) end
 session_write(m, sets)
+chunked('HDEL', KEYS[1], book.dels)
 chunked('HDEL', KEYS[1], del)
 index_write(m, moved, idx)
 idx_flush(idx)
@@ -1119,6 +1305,165 @@ return {'OK'}
 """,
 )
 
+CREATE_CHECKPOINT = _script(
+    "create_checkpoint",
+    r"""
+-- create_checkpoint (refreshes; the version stays).
+-- ARGV[7] expected version or '', ARGV[8] '1' when a label follows in
+--   ARGV[9], ARGV[10] max checkpoints, ARGV[11] max checkpoint bytes.
+-- Returns {'OK', checkpoint_id, version, bytes, created_ms} | {'NOTFOUND'}
+--   | {'CONFLICT', version} | {'CKLIMIT', 'count'|'bytes'} | {'REUSED'}.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local m = load_meta('kh')
+if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then
+  if r[1] == 'REUSED' then return r end
+  return {'OK', r[2], r[3], r[4], r.at}
+end
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
+local ck = checkpoint_kit()
+local book = ck.open(m.extra[1])
+local label = false
+if ARGV[8] == '1' then label = ARGV[9] end
+local names, values = ck.read(book)
+local head, cap = ck.take(book, m, names, values, label, '0',
+  tonumber(ARGV[10]), tonumber(ARGV[11]), '')
+if not head then return {'CKLIMIT', cap} end
+local moved = refresh(m)
+local reply = {'OK', head.id, m.v, head.b, now}
+local sets = ck.sets(book)
+if ARGV[2] ~= '' then sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 4) end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], book.dels)
+index_write(m, moved, idx)
+idx_flush(idx)
+return reply
+""",
+)
+
+LIST_CHECKPOINTS = _script(
+    "list_checkpoints",
+    r"""
+-- list_checkpoints (no refresh).
+-- ARGV: common only.
+-- Returns {'OK', id, version, created_ms, bytes, automatic (0/1), label | false, ...}
+--   newest first | {'NOTFOUND'}.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local m = load_meta('kh')
+if not m then return {'NOTFOUND'} end
+idx_flush(idx)
+local ck = checkpoint_kit()
+local book = ck.open(m.extra[1])
+local reply = {'OK'}
+if #book.list == 0 then return reply end
+local names = {}
+for _, c in ipairs(book.list) do names[#names + 1] = 'kl:' .. c.id end
+local labels = redis.call('HMGET', KEYS[1], unpack(names))
+for i, c in ipairs(book.list) do
+  reply[#reply + 1] = c.id; reply[#reply + 1] = c.v; reply[#reply + 1] = c.at
+  reply[#reply + 1] = c.b; reply[#reply + 1] = c.auto; reply[#reply + 1] = labels[i]
+end
+return reply
+""",
+)
+
+RESTORE_CHECKPOINT = _script(
+    "restore_checkpoint",
+    r"""
+-- restore_checkpoint: the checkpoint's state and context back, in one
+-- write, after an automatic checkpoint of what they replace (skipped at the
+-- caps); the version goes up by one.
+-- ARGV[7] checkpoint id, ARGV[8] expected version or '', ARGV[9] max
+--   checkpoints, ARGV[10] max checkpoint bytes.
+-- Returns {'OK', version, last_modified_ms, automatic taken (1/0),
+--   's:key', json, ...} (the state after) | {'NOTFOUND'} | {'CKNOTFOUND'}
+--   | {'CONFLICT', version} | {'REUSED'}. A retry within the replay window
+--   answers with the state as it is then, and 0 for the automatic one.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local m = load_meta('kh', 'k:' .. ARGV[7])
+if not m then return {'NOTFOUND'} end
+local function state_of(reply)
+  local names = prefixed('s:')
+  for s = 1, #names, 1000 do
+    local last = math.min(s + 999, #names)
+    local values = redis.call('HMGET', KEYS[1], unpack(names, s, last))
+    for j = 1, last - s + 1 do
+      reply[#reply + 1] = names[s + j - 1]; reply[#reply + 1] = values[j]
+    end
+  end
+  return reply
+end
+local r = replay_lookup(m.q)
+if r then
+  if r[1] == 'REUSED' then return r end
+  return state_of({'OK', r[2], r.at, 0})
+end
+if ARGV[8] ~= '' and tonumber(ARGV[8]) ~= m.v then return {'CONFLICT', m.v} end
+local blob = m.extra[2]
+if not blob then return {'CKNOTFOUND'} end
+local ck = checkpoint_kit()
+local book = ck.open(m.extra[1])
+local names, values = ck.read(book)
+local took = ck.auto(book, m, names, values, 'restore_checkpoint', 9, ARGV[7])
+local content = ck.apply(m, blob)
+m.v, m.lm = m.v + 1, now
+local moved = refresh(m)
+local reply = {'OK', m.v, now, took}
+local sets = ck.sets(book)
+if ARGV[2] ~= '' then sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2) end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], names)
+chunked('HDEL', KEYS[1], book.dels)
+chunked('HSET', KEYS[1], content)
+index_write(m, moved, idx)
+idx_flush(idx)
+for i = 1, #content, 2 do
+  if string.sub(content[i], 1, 2) == 's:' then
+    reply[#reply + 1] = content[i]; reply[#reply + 1] = content[i + 1]
+  end
+end
+return reply
+""",
+)
+
+DELETE_CHECKPOINT = _script(
+    "delete_checkpoint",
+    r"""
+-- delete_checkpoint (refreshes; the version stays).
+-- ARGV[7] checkpoint id.
+-- Returns {'OK', deleted (1/0)} | {'NOTFOUND'} | {'REUSED'}.
+local idx = index_read()
+local limited = rate_take(idx['!r'], ARGV[6])
+if limited then return limited end
+local m = load_meta('kh')
+if not m then return {'NOTFOUND'} end
+local r = replay_lookup(m.q)
+if r then return r end
+local ck = checkpoint_kit()
+local book = ck.open(m.extra[1])
+local deleted = 0
+if ck.remove(book, ARGV[7]) then deleted = 1 end
+local moved = refresh(m)
+local reply = {'OK', deleted}
+local sets = {}
+if deleted == 1 then sets = ck.sets(book) end
+if ARGV[2] ~= '' then sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2) end
+session_write(m, sets)
+chunked('HDEL', KEYS[1], book.dels)
+index_write(m, moved, idx)
+idx_flush(idx)
+return reply
+""",
+)
+
+
 ALL_SCRIPTS: tuple[Script, ...] = (
     CREATE,
     RESTORE,
@@ -1136,4 +1481,8 @@ ALL_SCRIPTS: tuple[Script, ...] = (
     REGISTER_OBJECT,
     RELEASE_OBJECT,
     RESTORE_BACKUP,
+    CREATE_CHECKPOINT,
+    LIST_CHECKPOINTS,
+    RESTORE_CHECKPOINT,
+    DELETE_CHECKPOINT,
 )

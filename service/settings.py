@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     history_limit: int = Field(default=50, ge=1)
     max_state_bytes: int = Field(default=MIB, ge=1024)
     max_registry_size: int = Field(default=1000, ge=1)
+    # Checkpoints per session, and their bytes in all (each checkpoint's
+    # stored snapshot: state and context as the session hash holds them).
+    max_checkpoints: int = Field(default=10, ge=1, le=1000)
+    max_checkpoint_bytes: int = Field(default=4 * MIB, ge=1024)
     max_request_bytes: int = Field(default=10 * MIB, ge=1024)
     replay_window: int = Field(default=120, ge=1)
     # Bounds on what one request may make Redis do (docs/security.md lists

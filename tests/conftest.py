@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fakeredis
 import pytest
 import redis
 import zmq
@@ -19,6 +18,7 @@ import zmq
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.store import Store
+from tests import fake_cmsgpack
 from workers.client import Client, CurveKeys
 from workers.launchers.cluster import LocalCluster, find_redis_cli
 from workers.launchers.process import free_port, stop_process
@@ -78,7 +78,7 @@ def fake_dispatcher() -> Callable[..., Dispatcher]:
 
     def make(**overrides: object) -> Dispatcher:
         settings = Settings(redis_url="redis://unused", **overrides)  # type: ignore[arg-type]
-        return Dispatcher(settings, Store(fakeredis.FakeRedis()))
+        return Dispatcher(settings, Store(fake_cmsgpack.fake_redis()))
 
     return make
 

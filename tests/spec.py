@@ -16,6 +16,8 @@ SPEC_CODES = frozenset(
         "VersionConflict",
         "PayloadTooLarge",
         "RegistryFull",
+        "CheckpointNotFound",
+        "CheckpointLimitExceeded",
         "StorageUnavailable",
         "InternalError",
     }
@@ -29,4 +31,6 @@ DETAILS_KEY = {
     "VersionConflict": "current_version",
     "PayloadTooLarge": "limit_bytes",
     "RegistryFull": "limit",
+    "CheckpointNotFound": "checkpoint_id",
+    "CheckpointLimitExceeded": "limit",
 }

@@ -532,10 +532,13 @@ def test_lines_are_split_across_reads_and_capped(step: int) -> None:
 
 
 def test_the_line_cap_follows_max_state_bytes() -> None:
-    assert backup.MAX_LINE == 5 * MIB
-    assert backup.max_line_for(Settings()) == 5 * MIB
-    assert backup.max_line_for(Settings(max_state_bytes=64 * 1024)) == 5 * MIB  # never lower
-    assert backup.max_line_for(Settings(max_state_bytes=8 * MIB)) == 33 * MIB
+    # 4 x max_state_bytes + 2 x max_checkpoint_bytes (snapshots go in base64)
+    # + 1 KiB per checkpoint (head, label, names) + 1 MiB.
+    assert backup.MAX_LINE == 13 * MIB + 10 * 1024
+    assert backup.max_line_for(Settings()) == backup.MAX_LINE
+    small = Settings(max_state_bytes=64 * 1024)
+    assert backup.max_line_for(small) == backup.MAX_LINE  # never lower
+    assert backup.max_line_for(Settings(max_state_bytes=8 * MIB)) == 41 * MIB + 10 * 1024
     # The worst line the service writes fits: a session at the cap whose
     # stored JSON is all escapes, which the line escapes again (twice as long).
     value = json.dumps('"' * ((MIB - 300) // 2))

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -115,6 +116,63 @@ def test_call_prints_the_json_reply(front: FrontProcess) -> None:
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["error_type"] == "SessionNotFound"
     assert _cli("call", "ping", "oops", "--endpoint", front.endpoint).returncode == 2
+
+
+def test_call_takes_restores_and_lists_checkpoints(front: FrontProcess) -> None:
+    """`call` with the checkpoint commands: a value that parses as JSON is
+    sent as JSON, so checkpoint_id=1 is the integer the protocol asks for."""
+
+    def call(*args: str) -> dict[str, Any]:
+        done = _cli("call", *args, "--endpoint", front.endpoint)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reply: dict[str, Any] = json.loads(done.stdout)
+        return reply
+
+    sid = call("create_session", "client_id=cli-ck")["result"]["session_id"]
+    call("update_session_state", f"session_id={sid}", 'state_data={"w": "3 + 4", "v": []}')
+    made = call("create_checkpoint", f"session_id={sid}", "label=before the edit")["result"]
+    assert made["checkpoint_id"] == 1 and made["label"] == "before the edit"
+    assert made["automatic"] is False and made["version"] == 2
+    call("update_session_state", f"session_id={sid}", 'state_data={"w": ""}', "replace=true")
+
+    listed = call("list_checkpoints", f"session_id={sid}")["result"]["checkpoints"]
+    assert [(c["checkpoint_id"], c["label"], c["automatic"]) for c in listed] == [
+        (2, "before update_session_state", True),
+        (1, "before the edit", False),
+    ]
+    restored = call("restore_checkpoint", f"session_id={sid}", "checkpoint_id=1")["result"]
+    assert restored["restored_from"] == 1 and restored["version"] == 4
+    assert restored["session_state"] == {"w": "3 + 4", "v": []}
+
+    # The envelope encoding, with the command named in PascalCase as the
+    # server also accepts it.
+    enveloped = call("--encoding", "envelope", "ListCheckpoints", f"session_id={sid}")
+    data = enveloped["payload"]["data"]
+    assert data["response_type"] == "ListCheckpoints"
+    assert [c["checkpoint_id"] for c in data["data"]["checkpoints"]] == [3, 2, 1]
+
+    # "1" quoted stays a string, which the protocol refuses (no coercion).
+    quoted = _cli(
+        "call", "delete_checkpoint", f"session_id={sid}", 'checkpoint_id="1"',
+        "--endpoint", front.endpoint,
+    )  # fmt: skip
+    assert quoted.returncode == 1
+    refused = json.loads(quoted.stdout)
+    assert refused["error_type"] == "InvalidRequest"
+    assert refused["details"] == {"field": "checkpoint_id"}
+    missing = _cli(
+        "call", "restore_checkpoint", f"session_id={sid}", "checkpoint_id=9",
+        "--endpoint", front.endpoint,
+    )  # fmt: skip
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["details"] == {"checkpoint_id": 9}
+
+
+def test_envelope_client_keeps_a_pascal_case_command_name(zmq_context: Ctx) -> None:
+    client = Client("tcp://127.0.0.1:1", encoding="envelope", context=zmq_context)
+    for name in ("create_checkpoint", "CreateCheckpoint"):
+        body = codec.loads(client.encode(name, {}, "r-1"))
+        assert body["payload"]["data"]["request_type"] == "CreateCheckpoint"
 
 
 def _serve(data_dir: Path, endpoint: str, http_port: int = 0) -> subprocess.Popen[bytes]:

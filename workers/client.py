@@ -66,7 +66,11 @@ class CurveKeys:
 
 
 def _pascal(command: str) -> str:
-    return "".join(part.capitalize() for part in command.split("_"))
+    """The envelope's request_type: `create_session` becomes `CreateSession`,
+    and a name already in PascalCase (`CreateCheckpoint`) is kept as it is,
+    since the server accepts either spelling (str.capitalize would lower the
+    rest of each part, making `Createcheckpoint`)."""
+    return "".join(part[:1].upper() + part[1:] for part in command.split("_"))
 
 
 class Client:

@@ -9,15 +9,18 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from service import models
-from service.handlers import context, sessions, system
+from service.handlers import checkpoints, context, sessions, system
 from service.handlers.base import Ctx, Plan
 from service.settings import Settings
 
 # What a command's reply may hold at most, beside fixed fields: nothing
 # large, client_info, a client's session list, or a whole session.
-Reply = Literal["small", "info", "list", "session"]
+Reply = Literal["small", "info", "list", "session", "checkpoints"]
 SMALL_REPLY = 4096
 LIST_ENTRY = 512
+# One entry of list_checkpoints: its numbers and names, and a label of 128
+# characters, each up to 6 bytes once JSON-escaped.
+CHECKPOINT_ENTRY = 256 + 6 * models.CHECKPOINT_LABEL_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,8 @@ class Command:
             return settings.client_info_cap + SMALL_REPLY
         if self.reply == "list":
             return settings.max_sessions_per_client * LIST_ENTRY + SMALL_REPLY
+        if self.reply == "checkpoints":
+            return settings.max_checkpoints * CHECKPOINT_ENTRY + SMALL_REPLY
         return SMALL_REPLY
 
 
@@ -69,6 +74,17 @@ COMMANDS: dict[str, Command] = {
         Command("record_evaluation", models.RecordEvaluation, context.record_evaluation),
         Command("register_object", models.RegisterObject, context.register_object),
         Command("release_object", models.ReleaseObject, context.release_object),
+        Command("create_checkpoint", models.CreateCheckpoint, checkpoints.create_checkpoint),
+        Command(
+            "list_checkpoints", models.SessionRef, checkpoints.list_checkpoints, "checkpoints"
+        ),
+        Command(
+            "restore_checkpoint",
+            models.RestoreCheckpoint,
+            checkpoints.restore_checkpoint,
+            "session",
+        ),
+        Command("delete_checkpoint", models.DeleteCheckpoint, checkpoints.delete_checkpoint),
         Command("ping", models.Ping, system.ping),
         Command("describe", models.NoParams, system.describe),
     )

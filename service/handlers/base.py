@@ -54,6 +54,8 @@ class Ctx:
     # (CURVE) or the peer's network address; '' when unknown.
     requester: str = ""
     stats: StatsCache | None = None  # the worker's statistics snapshot
+    # Counts a checkpoint event (metrics.CHECKPOINT_EVENTS); None: metrics off.
+    checkpoint_event: Callable[[str], None] | None = None
 
 
 @dataclass(slots=True)

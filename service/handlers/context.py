@@ -16,6 +16,7 @@ from service.handlers.base import (
     require_session_id,
     session_call,
 )
+from service.handlers.checkpoints import automatic_checkpoint
 from service.handlers.sessions import session_contents
 from service.protocol import iso, now_ms
 from service.store import Arg
@@ -140,10 +141,13 @@ def clear_context(p: models.ClearContext, ctx: Ctx) -> Plan:
     sid = require_session_id(p.session_id)
     parts = list(dict.fromkeys(p.parts)) if p.parts is not None else list(models.CONTEXT_PARTS)
     letters = "".join(_PART_LETTERS[part] for part in parts)
-    call = session_call(ctx, scripts.CLEAR_CONTEXT, sid, p.client_id, [letters], replay=True)
+    s = ctx.settings
+    extra: list[Arg] = [letters, s.max_checkpoints, s.max_checkpoint_bytes]
+    call = session_call(ctx, scripts.CLEAR_CONTEXT, sid, p.client_id, extra, replay=True)
 
     def finish(raw: list[Any]) -> Result:
-        r = check(raw[0], ctx.settings)
+        r = check(raw[0], s)
+        automatic_checkpoint(ctx, r[2])
         return {"session_id": sid, "cleared": parts, "version": int(r[1])}
 
     return Plan([call], finish)

@@ -22,6 +22,7 @@ from service.handlers.base import (
     session_call,
     text,
 )
+from service.handlers.checkpoints import automatic_checkpoint, checkpoint_count
 from service.protocol import iso
 from service.store import Call
 
@@ -84,7 +85,9 @@ def get_session_info(p: models.SessionRef, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        return _info_result(sid, layout.unpack_meta(r[2]), int(r[1]), r[3] or None)
+        result = _info_result(sid, layout.unpack_meta(r[2]), int(r[1]), r[3] or None)
+        result["checkpoint_count"] = checkpoint_count(r[4] or None)
+        return result
 
     return Plan([call], finish)
 
@@ -95,8 +98,9 @@ def restore_session(p: models.SessionRef, ctx: Ctx) -> Plan:
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
-        h = dict(zip(r[3::2], r[4::2], strict=True))
+        h = dict(zip(r[4::2], r[5::2], strict=True))
         result = _info_result(sid, layout.unpack_meta(r[2]), int(r[1]), h.get(b"ci"))
+        result["checkpoint_count"] = checkpoint_count(r[3] or None)
         result.update(session_contents(h))
         return result
 
@@ -149,15 +153,26 @@ def update_session_state(p: models.UpdateSessionState, ctx: Ctx) -> Plan:
             pairs.append(encoded)
             sent[key] = Fragment(encoded)
     expected = "" if p.expected_version is None else str(p.expected_version)
-    extra = [expected, "1" if p.replace else "0", ctx.settings.max_state_bytes, limit, *pairs]
+    s = ctx.settings
+    extra = [
+        expected,
+        "1" if p.replace else "0",
+        s.max_state_bytes,
+        limit,
+        s.max_checkpoints,
+        s.max_checkpoint_bytes,
+        *pairs,
+    ]
     call = session_call(ctx, scripts.UPDATE, sid, p.client_id, extra, replay=True)
 
     def finish(raw: list[Any]) -> Result:
-        r = check(raw[0], ctx.settings)
+        r = check(raw[0], s)
+        if p.replace:
+            automatic_checkpoint(ctx, r[3])
         # Redis sends the keys this update did not name (none after a replace).
         state = {
             name[2:].decode("utf-8"): Fragment(value)
-            for name, value in zip(r[3::2], r[4::2], strict=True)
+            for name, value in zip(r[4::2], r[5::2], strict=True)
         }
         state.update(sent)
         return {

@@ -49,6 +49,8 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "history_limit": s.history_limit,
                     "max_state_bytes": s.max_state_bytes,
                     "max_registry_size": s.max_registry_size,
+                    "max_checkpoints": s.max_checkpoints,
+                    "max_checkpoint_bytes": s.max_checkpoint_bytes,
                     "max_request_bytes": s.max_request_bytes,
                     "transport_max_bytes": s.transport_max_bytes,
                     "replay_window": s.replay_window,
