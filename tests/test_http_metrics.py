@@ -177,12 +177,19 @@ def test_scrape_counts_every_request_of_two_front_processes(
             client.call("ping")
     req = "stui_sessions_requests_total"
 
-    def pings() -> float:
-        return value(parse(http.scrape()), req, command="ping", outcome=SUCCESS)
+    def all_counted() -> bool:
+        samples = parse(http.scrape())
+        return (
+            value(samples, req, command="ping", outcome=SUCCESS) >= 6
+            and value(samples, req, command="create_session", outcome=SUCCESS) >= 12
+            and value(samples, req, command="get_session_info", outcome=SUCCESS) >= 12
+        )
 
-    # Workers write their counts out once a second: wait for the last batch.
+    # Each of the two workers writes its counts out once a second, each on its
+    # own clock: wait until both have written their last batch (the last
+    # pings alone may all have been served, and written, by one of them).
     # (The fixture's readiness probe pinged the front at least once too.)
-    wait_for(lambda: pings() >= 6, what="the last pings counted")
+    wait_for(all_counted, what="both workers' counts written")
     samples = parse(http.scrape())
     total = len(session_ids) * 2 + 4 + value(samples, req, command="ping", outcome=SUCCESS)
     assert value(samples, req, command="create_session", outcome=SUCCESS) == 12
