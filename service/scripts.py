@@ -112,6 +112,18 @@ local function prefixed(prefix)
   return out
 end
 
+-- Appends name, value of each field in names to reply (HMGETs of 1000 at most).
+local function hmget_pairs(reply, names)
+  for s = 1, #names, 1000 do
+    local last = math.min(s + 999, #names)
+    local values = redis.call('HMGET', KEYS[1], unpack(names, s, last))
+    for j = 1, last - s + 1 do
+      reply[#reply + 1] = names[s + j - 1]; reply[#reply + 1] = values[j]
+    end
+  end
+  return reply
+end
+
 -- The leading number of an index entry: the session's exact expiry.
 local function entry_expiry(packed)
   return tonumber(string.match(packed, '^(%d+)'))
@@ -397,14 +409,7 @@ local function content_of(reply, context_only)
     end
     if keep then names[#names + 1] = f end
   end
-  for s = 1, #names, 1000 do
-    local last = math.min(s + 999, #names)
-    local values = redis.call('HMGET', KEYS[1], unpack(names, s, last))
-    for j = 1, last - s + 1 do
-      reply[#reply + 1] = names[s + j - 1]; reply[#reply + 1] = values[j]
-    end
-  end
-  return reply
+  return hmget_pairs(reply, names)
 end
 
 -- Checkpoints (layout.py), as one kit: the heads in 'kh'
@@ -710,14 +715,7 @@ local function untouched(reply, sn)
   for _, f in ipairs(prefixed('s:')) do
     if not named[f] then want[#want + 1] = f end
   end
-  for s = 1, #want, 1000 do
-    local last = math.min(s + 999, #want)
-    local values = redis.call('HMGET', KEYS[1], unpack(want, s, last))
-    for j = 1, last - s + 1 do
-      reply[#reply + 1] = want[s + j - 1]; reply[#reply + 1] = values[j]
-    end
-  end
-  return reply
+  return hmget_pairs(reply, want)
 end
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
@@ -1389,17 +1387,7 @@ local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
 local m = load_meta('kh', 'k:' .. ARGV[7])
 if not m then return {'NOTFOUND'} end
-local function state_of(reply)
-  local names = prefixed('s:')
-  for s = 1, #names, 1000 do
-    local last = math.min(s + 999, #names)
-    local values = redis.call('HMGET', KEYS[1], unpack(names, s, last))
-    for j = 1, last - s + 1 do
-      reply[#reply + 1] = names[s + j - 1]; reply[#reply + 1] = values[j]
-    end
-  end
-  return reply
-end
+local function state_of(reply) return hmget_pairs(reply, prefixed('s:')) end
 local r = replay_lookup(m.q)
 if r then
   if r[1] == 'REUSED' then return r end

@@ -19,7 +19,7 @@ from service import backup, backup_format, keys, layout, restore
 from service.backup_format import SessionRecord
 from service.settings import MIB, Settings
 from tests.test_backup import TEST_KEY, cli
-from tests.test_backup_trust import write_file
+from tests.test_backup_trust import _valid, write_file
 from tests.test_checkpoints import CONTEXT, STATE, whole
 from workers.client import Client
 from workers.launchers.redis import EmbeddedRedis
@@ -336,14 +336,6 @@ def test_tampered_lines_are_skipped_and_the_rest_restored(
     assert (result.restored, result.invalid, result.checkpoints) == (1, 1, 2)
     assert checkpoint_fields(redis_client, genuine.session_id) == raw
     assert not redis_client.exists(keys.session_key(other))
-
-
-def _valid(rec: SessionRecord, s: Settings) -> bool:
-    try:
-        restore.check_session(rec, s)
-    except restore.Invalid:
-        return False
-    return True
 
 
 # -- the line cap ---------------------------------------------------------------------
