@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 
-from benchmarks import machine, rediscost, targets, workload
+from benchmarks import machine, rediscost, snapshot_cost, targets, workload
 from benchmarks.common import RESULTS, Progress, outputs, save_json, template
 from benchmarks.loadgen import Body
 from benchmarks.rediscost_probe import NOT_INNER
@@ -449,6 +449,30 @@ def _fixed_rows(fixed: dict[str, float], then: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _pieces(result: dict[str, Any]) -> dict[str, str]:
+    pieces = result["snapshot_pieces"]
+    rows = pieces["rows"]
+    clear = result["existing"]["commands"].get("clear_context", {})
+    recorded = clear.get("recorded_usec")
+    added = rows[-1]["usec"] - rows[0]["usec"]
+    verdict = f"The checkpoint's steps add {added:.1f} us to a script call on this machine."
+    if recorded is not None:
+        margin = targets.REDIS_OTHER_US - recorded
+        verdict += (
+            f" The floor ({targets.REDIS_OTHER_US:.0f} us) leaves `clear_context` {margin:.1f} us"
+            f" over the {recorded:.1f} us its judging run recorded before it took checkpoints: "
+            + ("less than these steps alone, before any of the command's own work."
+               if added > margin else "room for these steps."))
+    redis_own = rows[1]["added"] + rows[4]["added"]  # HGETALL and HSET
+    lua = rows[2]["added"] + rows[3]["added"]  # the filter loop and cmsgpack
+    verdict += (
+        f" Of these, {redis_own:.1f} us are Redis' own commands (the HGETALL that reads the"
+        f" session, the HSET that writes a snapshot as large as the session into its listpack)"
+        f" and {lua:.1f} us the Lua between them (the filter loop, and cmsgpack's packing in C).")
+    return {"pieces_rows": snapshot_cost.rows_md(rows), "pieces_rounds": str(pieces["rounds"]),
+            "pieces_calls": f"{pieces['calls']:,}", "pieces_verdict": verdict}
+
+
 def _summary(result: dict[str, Any]) -> str:
     found = result["existing"]["commands"]
     judged = {k: c for k, c in found.items() if c["holds"] is not None}
@@ -499,6 +523,7 @@ def render(result: dict[str, Any], command: str) -> str:
         repeats=cfg["repeats"], existing_rows=_existing_rows(result["existing"]["commands"]),
         update_floor=f"{targets.REDIS_UPDATE_US:.0f}", other_floor=f"{targets.REDIS_OTHER_US:.0f}",
         fixed_rows=_fixed_rows(result["fixed"], result["fixed_recorded"]),
+        **_pieces(result),
         mem_sessions=f"{std['sessions']:,}", snapshot_bytes=f"{std['snapshot_bytes']:,.0f}",
         memory_rows=_memory_rows(std), listpack_value=f"{LISTPACK_VALUE:,}",
         large_sessions=f"{large['sessions']:,}", large_state=f"{large['state_bytes']:,}",
@@ -550,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         mem = memory(server.url, mem_sessions, large_sessions, progress)
     finally:
         server.stop()
+    progress("an automatic checkpoint's steps (benchmarks.snapshot_cost)")
+    pieces_rounds, pieces_calls = (1, 300) if args.quick else (5, 2000)
+    pieces = snapshot_cost.measure(pieces_rounds, pieces_calls)
     progress("fixed costs of a script call")
     fixed = rediscost.fixed_costs(rounds=1 if args.quick else 3,
                                   calls=500 if args.quick else 2000)
@@ -564,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "existing": {"against": against, "recorded_date": recorded_date,
                      "commands": existing(base, new, then)},
         "fixed": fixed, "fixed_recorded": fixed_then, "memory": mem,
+        "snapshot_pieces": {"rounds": pieces_rounds, "calls": pieces_calls, "rows": pieces},
     }
     for command, c in result["existing"]["commands"].items():
         progress(f"{command}: {c['base_usec']:.1f} -> {c['this_usec']:.1f} us "

@@ -311,6 +311,11 @@ class SchedulerMetrics:
             "Size of the last successful backup file.",
             "mostrecent",
         )
+        self.last_backup_checkpoints = gauge(
+            "stui_sessions_last_backup_checkpoints",
+            "Checkpoints the live sessions held, as the last successful backup counted.",
+            "mostrecent",
+        )
         self.backup_interval = gauge(
             "stui_sessions_backup_interval_seconds",
             "Configured time between backups (the alerts' yardstick).",
@@ -332,10 +337,13 @@ class SchedulerMetrics:
             self._leading = leader
             self.is_leader.set(1 if leader else 0)
 
-    def on_backup(self, finished_at: float, duration: float, size: int) -> None:
+    def on_backup(
+        self, finished_at: float, duration: float, size: int, checkpoints: int
+    ) -> None:
         self.last_backup.set(finished_at)
         self.last_backup_duration.set(duration)
         self.last_backup_size.set(size)
+        self.last_backup_checkpoints.set(checkpoints)
 
     def on_figures(self, sessions: int, clients: int) -> None:
         with self._lock:

@@ -1084,7 +1084,9 @@ CLEAR_CONTEXT = _script(
 -- clear_context.
 -- ARGV[7] the parts to clear, as letters: w workspace, i inspector, o registry, e history.
 -- ARGV[8] max checkpoints, ARGV[9] max checkpoint bytes: an automatic
---   checkpoint of state and context comes first, when the caps allow.
+--   checkpoint of state and context comes first, when the caps allow and a
+--   named part holds anything (a clear that removes nothing has nothing to
+--   undo, and its checkpoint would push out an older automatic one).
 -- Returns {'OK', version, automatic checkpoint taken (1/0)} | {'NOTFOUND'} | {'REUSED'}.
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
@@ -1093,13 +1095,19 @@ local m = load_meta('kh')
 if not m then return {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then r[3] = 0; return r end
+local parts = ARGV[7]
+local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
+local held = (has('w') and m.wb > 0) or (has('i') and m.ib > 0)
+  or (has('o') and m.rn > 0) or (has('e') and m.en >= m.eo)
 local ck = checkpoint_kit()
 local book = ck.open(m.extra[1])
-local names, values = ck.read(book)
-local took = ck.auto(book, m, names, values, 'clear_context', 8, '')
-local parts = ARGV[7]
-local del = {}
-local function has(letter) return string.find(parts, letter, 1, true) ~= nil end
+local names, took = {}, 0
+if held then
+  local values
+  names, values = ck.read(book)
+  took = ck.auto(book, m, names, values, 'clear_context', 8, '')
+end
+local del = book.dels
 if has('w') then m.wb = 0; del[#del + 1] = 'w'; del[#del + 1] = 'wv' end
 if has('i') then m.ib = 0; del[#del + 1] = 'i'; del[#del + 1] = 'ih'; del[#del + 1] = 'so' end
 if has('o') then
@@ -1119,7 +1127,6 @@ local reply = {'OK', m.v, took}
 local sets = ck.sets(book)
 if ARGV[2] ~= '' then sets[#sets + 1] = 'q'; sets[#sets + 1] = replay_add(m.q, reply, 2) end
 session_write(m, sets)
-chunked('HDEL', KEYS[1], book.dels)
 chunked('HDEL', KEYS[1], del)
 index_write(m, moved, idx)
 idx_flush(idx)

@@ -114,6 +114,31 @@ def test_checkpoint_restores_state_and_context_byte_for_byte(any_client: Client)
     assert c.call("get_context_summary", session_id=sid)["evaluation_count"] == 3
 
 
+def test_a_clear_that_removes_nothing_takes_no_checkpoint(front: FrontProcess) -> None:
+    """Nothing is overwritten, so there is nothing to undo: no automatic
+    checkpoint, and none of the older ones pushed out at the cap."""
+    with Client(front.endpoint, timeout=5, retries=0) as c:
+        sid = seeded(c)
+        c.call("clear_context", session_id=sid, parts=["object_registry"])
+        assert c.call("get_session_info", session_id=sid)["checkpoint_count"] == 1
+        for parts in (["object_registry"], [], None, ["inspector_state"]):
+            if parts is None:
+                c.call("clear_context", session_id=sid)  # the other three still hold data
+                assert c.call("get_session_info", session_id=sid)["checkpoint_count"] == 2
+                continue
+            v = c.call("get_session_info", session_id=sid)["version"]
+            done = c.call("clear_context", session_id=sid, parts=parts)
+            assert done["version"] == v + 1  # still a write
+            info = c.call("get_session_info", session_id=sid)
+            assert info["checkpoint_count"] == (1 if parts != ["inspector_state"] else 2)
+        labels = [x["label"] for x in c.call("list_checkpoints", session_id=sid)["checkpoints"]]
+        assert labels == ["before clear_context", "before clear_context"]
+        # The first one still holds the registry the first clear removed.
+        first = c.call("list_checkpoints", session_id=sid)["checkpoints"][-1]
+        c.call("restore_checkpoint", session_id=sid, checkpoint_id=first["checkpoint_id"])
+        assert whole(c, sid)["context"] == CONTEXT
+
+
 def test_unknown_checkpoint_and_delete(any_client: Client) -> None:
     c = any_client
     sid = seeded(c)

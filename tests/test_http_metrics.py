@@ -292,7 +292,7 @@ def test_scheduler_metrics_reach_the_scrape(
         m = scheduler_metrics(Settings(), backup_interval=900)
         m.on_leader(True)
         m.on_figures(7, 3)
-        m.on_backup(1700000000.0, 2.5, 12345)
+        m.on_backup(1700000000.0, 2.5, 12345, 17)
         print("ready", flush=True)
         sys.stdin.readline()
     """)
@@ -307,6 +307,7 @@ def test_scheduler_metrics_reach_the_scrape(
         assert value(samples, "stui_sessions_last_backup_timestamp_seconds") == 1700000000.0
         assert value(samples, "stui_sessions_last_backup_duration_seconds") == 2.5
         assert value(samples, "stui_sessions_last_backup_size_bytes") == 12345
+        assert value(samples, "stui_sessions_last_backup_checkpoints") == 17
         assert value(samples, "stui_sessions_backup_interval_seconds") == 900
         assert value(samples, "stui_sessions_scheduler_leader_since_timestamp_seconds") > 0
         assert http.get("/readyz")[0] == 200  # heartbeat check off: a scheduler-only pod
@@ -540,7 +541,7 @@ def test_scheduler_observer_reports_the_leader_only() -> None:
     metrics = SchedulerMetrics(backup_interval=3600, registry=registry)
     metrics.on_leader(True)
     metrics.on_figures(10, 4)
-    metrics.on_backup(1700000000.0, 1.5, 4096)
+    metrics.on_backup(1700000000.0, 1.5, 4096, 3)
     samples = parse(generate_latest(registry).decode())
     assert value(samples, "stui_sessions_live_sessions") == 10
     assert value(samples, "stui_sessions_scheduler_leader_since_timestamp_seconds") > 0

@@ -52,8 +52,11 @@ class SchedulerObserver(Protocol):
 
     def on_leader(self, leader: bool, /) -> None: ...
 
-    def on_backup(self, finished_at: float, duration: float, size: int, /) -> None:
-        """finished_at: Unix time (s); duration in s; size of the file in bytes."""
+    def on_backup(
+        self, finished_at: float, duration: float, size: int, checkpoints: int, /
+    ) -> None:
+        """finished_at: Unix time (s); duration in s; size of the file in bytes;
+        the checkpoints its sessions hold."""
 
     def on_figures(self, sessions: int, clients: int, /) -> None: ...
 
@@ -62,7 +65,9 @@ class NullObserver:
     def on_leader(self, leader: bool) -> None:
         pass
 
-    def on_backup(self, finished_at: float, duration: float, size: int) -> None:
+    def on_backup(
+        self, finished_at: float, duration: float, size: int, checkpoints: int
+    ) -> None:
         pass
 
     def on_figures(self, sessions: int, clients: int) -> None:
@@ -190,7 +195,11 @@ class Scheduler:
         if last:
             at = int(last[b"at_ms"]) / 1000
             self._next_backup = at + self.settings.backup_interval * 60
-            self.observer.on_backup(at, float(last[b"duration"]), int(last[b"size"]))
+            # A record of a release before checkpoints has no count: 0.
+            checkpoints = int(last.get(b"checkpoints", 0))
+            self.observer.on_backup(
+                at, float(last[b"duration"]), int(last[b"size"]), checkpoints
+            )
 
     def _run_housekeeping(self) -> None:
         pruned = housekeep(self.client, self.nodes, self._guard)
@@ -225,20 +234,22 @@ class Scheduler:
             "duration": f"{duration:.3f}",
             "size": str(info.size),
             "sessions": str(info.sessions),
+            "checkpoints": str(info.checkpoints),
             "file": name,
             "token": str(token),
         }
         self.lock.fenced(lambda pipe: pipe.hset(keys.last_backup_key(), mapping=record))
-        self.observer.on_backup(finished_at, duration, info.size)
+        self.observer.on_backup(finished_at, duration, info.size, info.checkpoints)
         s = self.settings
         # Quick, and due once a backup is in: it runs even if SIGTERM just came.
         removed = rotation.rotate(
             directory, s.backup_keep, s.backup_max_age_days, info.created_ms, self.lock.guard
         )
         log.info(
-            "backup %s: %d sessions, %d bytes, %.2f s; %d old files removed",
+            "backup %s: %d sessions, %d checkpoints, %d bytes, %.2f s; %d old files removed",
             name,
             info.sessions,
+            info.checkpoints,
             info.size,
             duration,
             len(removed),
