@@ -24,3 +24,16 @@ def refused(reason: str, client_id: str | None, command: str | None, **extra: ob
         **extra,
     }
     log.warning(json.dumps(line, ensure_ascii=True, default=str))
+
+
+def purged(client_id: str, removed: dict[str, object]) -> None:
+    """An erasure (stui-sessions clients purge): who, and what went. The
+    client id is the subject of the line, as in every audit line; the
+    sessions' ids are not written."""
+    line = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "event": "purged",
+        "client_id": client_id,
+        **removed,
+    }
+    log.warning(json.dumps(line, ensure_ascii=True, default=str))

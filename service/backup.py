@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,33 @@ def write_backup(
     if it raises, the temporary file is removed and nothing appears under
     `path`. Every file is created 0600."""
     check_key(key)
+    return write_records(
+        read_sessions(nodes),
+        path,
+        key=key,
+        created_ms=redis_now_ms(nodes[0]),
+        token=token,
+        guard=guard,
+        progress=progress,
+    )
+
+
+def write_records(
+    records: Iterable[SessionRecord],
+    path: Path,
+    *,
+    key: bytes,
+    created_ms: int,
+    token: int | None = None,
+    guard: Guard | None = None,
+    progress: Progress | None = None,
+) -> BackupInfo:
+    """write_backup's file from any records: the sessions read from Redis, or
+    a backup's own records less some (service/clients.py rewrites backups
+    without a purged client). A temporary file, then the signature, then the
+    rename over `path`."""
+    check_key(key)
     path = Path(path)
-    created_ms = redis_now_ms(nodes[0])
     tmp = temp_name(path)
     count = skipped = checkpoints = 0
     try:
@@ -165,7 +190,7 @@ def write_backup(
             signing = MacFile(raw, key)
             with gzip.GzipFile(filename="", mode="wb", fileobj=signing, mtime=0) as gz:
                 gz.write(header_line(created_ms, token))
-                for rec in read_sessions(nodes):
+                for rec in records:
                     if why := rec.problem():
                         log.warning("backup: skipped key of %s: %s", rec.session_id[:64], why)
                         skipped += 1

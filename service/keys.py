@@ -72,6 +72,18 @@ def client_index_key(chash: str) -> str:
     return f"{_tag(bucket_of(chash))}:c:{chash}"
 
 
+def legacy_rate_key(chash: str) -> str:
+    """The previous release's rate-limit buckets of a client: only erasure
+    (service/clients.py) still names it."""
+    return f"{_tag(bucket_of(chash))}:rl:{chash}"
+
+
+def client_sessions_scan_pattern(chash: str) -> str:
+    """SCAN MATCH pattern of every session hash of one client (a session id
+    starts with its client's hash)."""
+    return f"{_tag(bucket_of(chash))}:s:{chash}.*"
+
+
 def bucket_expiry_key(bucket: int) -> str:
     return f"{_tag(bucket)}:exp"
 

@@ -146,6 +146,16 @@ def remove_rule(client: RedisClient, value: str, prefix: bool = False) -> int:
     return sum(int(n) for n in pipe.execute())
 
 
+def add_deny(client: RedisClient, client_id: str) -> bool:
+    """An exact deny rule for client_id; False when it was already there."""
+    return bool(client.sadd(keys.policy_key(_list_name("deny", False)), client_id))
+
+
+def remove_deny(client: RedisClient, client_id: str) -> None:
+    """Only the exact deny rule: an allow rule for the same id stays."""
+    client.srem(keys.policy_key(_list_name("deny", False)), client_id)
+
+
 def describe_policy(policy: Policy) -> dict[str, list[str]]:
     return {
         "allow": sorted(policy.allow),

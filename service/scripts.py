@@ -1459,6 +1459,29 @@ return reply
 )
 
 
+PURGE_CLIENT = Script(
+    "purge_client",
+    r"""
+-- purge_client (stui-sessions clients purge): one client's keys and index
+-- members in its bucket, in one atomic step, so that no request of the
+-- client runs between the removal of a session and of its index entry.
+-- KEYS[1] the client index, KEYS[2] the bucket expiry zset, KEYS[3] the
+-- bucket clients zset, KEYS[4] the previous release's rate-limit key
+-- (rl:<h>), KEYS[5..] session hashes of the client.
+-- ARGV[1] the client hash, ARGV[2..] the session ids of KEYS[5..], in order.
+-- Returns {session hashes deleted, index keys deleted (the index, rl:<h>),
+--   expiry zset members removed, clients zset members removed}.
+local sessions = 0
+for i = 5, #KEYS do sessions = sessions + redis.call('DEL', KEYS[i]) end
+local index = redis.call('DEL', KEYS[1]) + redis.call('DEL', KEYS[4])
+local members = 0
+for s = 2, #ARGV, 1000 do
+  members = members + redis.call('ZREM', KEYS[2], unpack(ARGV, s, math.min(s + 999, #ARGV)))
+end
+return {sessions, index, members, redis.call('ZREM', KEYS[3], ARGV[1])}
+""",
+)
+
 ALL_SCRIPTS: tuple[Script, ...] = (
     CREATE,
     RESTORE,
@@ -1480,4 +1503,5 @@ ALL_SCRIPTS: tuple[Script, ...] = (
     LIST_CHECKPOINTS,
     RESTORE_CHECKPOINT,
     DELETE_CHECKPOINT,
+    PURGE_CLIENT,
 )

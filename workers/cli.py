@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from service import codec, metrics
 from service.settings import Settings
 from service.store import REDIS_FAILURES, RedisTopologyError, redis_for
-from workers import cli_admin, cli_health, cli_http, cli_ops, health
+from workers import cli_admin, cli_clients, cli_health, cli_http, cli_ops, health
 from workers.cli_common import EXIT_REDIS, EXIT_USAGE, NO_REDIS, add_redis_flags, settings_from
 from workers.client import Client, CurveKeys, NoReply
 from workers.front import FrontWorker
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
     cli_admin.register(sub)
     cli_admin.register_keys(sub)
+    cli_clients.register(sub)
     cli_ops.register(sub)
     cli_http.register(sub)
     cli_health.register(sub)
