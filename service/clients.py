@@ -6,9 +6,10 @@ the client id alone: its index (keys.client_index_key: session entries, rate
 buckets '!r', replay records '!q...'), its sessions (each id starts with the
 client hash, and a session hash holds its checkpoints and replay records),
 its members of the bucket's expiry and clients zsets, and the previous
-release's rl:<h>. Outside the slot there is only its CURVE key
-(keys.curve_clients_key). The previous release's replay records
-(r:<digest>) name no client and expire within that release's replay window.
+release's rl:<h>. Outside the slot there are only its CURVE key
+(keys.curve_clients_key) and its exact plan assignment (keys.plan_exact_key).
+The previous release's replay records (r:<digest>) name no client and
+expire within that release's replay window.
 
 A purge takes three steps. The client is denied first (an exact policy rule,
 which every front applies within policy_refresh), so that its requests are
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import auth, keys, layout, limits, models, policy, scripts
+from service import auth, keys, layout, limits, plans, policy, scripts
 from service.backup import primaries, redis_now_ms, write_records
 from service.backup_files import sync_dir
 from service.backup_format import BackupInfo, SessionRecord
@@ -70,18 +71,11 @@ class ClientView:
         return asdict(self)
 
 
-def effective_limits(settings: Settings) -> dict[str, int | float]:
-    """The limits a plan may set, as they hold for a client without one."""
-    return {
-        "max_sessions_per_client": settings.max_sessions_per_client,
-        "rate_limit": settings.rate_limit,
-        "rate_burst": settings.rate_burst,
-        "max_state_bytes": settings.max_state_bytes,
-        "max_timeout": models.MAX_TIMEOUT,
-        "history_limit": settings.history_limit,
-        "max_checkpoints": settings.max_checkpoints,
-        "max_checkpoint_bytes": settings.max_checkpoint_bytes,
-    }
+def effective_limits(client: RedisClient, settings: Settings, client_id: str) -> plans.Limits:
+    """The client's plan and its limits, as every front resolves them."""
+    table = plans.read_table(client)
+    name = table.plan_for(client_id)
+    return plans.Limits.of(settings, name, table.plans[name] if name else {})
 
 
 def _text(value: bytes | str) -> str:
@@ -106,6 +100,8 @@ def show(client: RedisClient, settings: Settings, client_id: str) -> ClientView:
     """The client as Redis holds it now: its live sessions (newest first),
     its rate-limit levels, its CURVE keys."""
     chash = keys.client_hash(client_id)
+    own = effective_limits(client, settings, client_id)
+    settings = own.settings
     index = {_raw(f): _raw(v) for f, v in client.hgetall(keys.client_index_key(chash)).items()}
     now = redis_now_ms(primaries(client)[0])
     entries = {
@@ -144,8 +140,8 @@ def show(client: RedisClient, settings: Settings, client_id: str) -> ClientView:
     create_rate = settings.create_rate_limit
     return ClientView(
         client_id=client_id,
-        plan=None,
-        limits=effective_limits(settings),
+        plan=own.plan,
+        limits=own.report(),
         sessions=sessions,
         rate_tokens=_level(bucket, 0, now, settings.rate_limit, settings.rate_burst),
         create_tokens=_level(bucket, 2, now, create_rate, settings.create_burst),
@@ -165,6 +161,7 @@ class Purged:
     expiry_members: int = 0
     clients_members: int = 0
     curve_keys: int = 0
+    plan_assignments: int = 0  # its exact assignment (prefixes are not the client's)
     passes: int = 0
     denied_during: bool = field(default=False)  # a deny rule was added for the purge
 
@@ -268,6 +265,7 @@ def purge(
                 )
         if not keep_key:
             done.curve_keys = auth.remove_client_key(client, client_id)
+        done.plan_assignments = int(plans.unassign(client, client_id))
         if before_lifting is not None:
             before_lifting()
     finally:

@@ -30,6 +30,7 @@ from service.handlers import COMMANDS, Command, lookup
 from service.handlers.base import Ctx, Plan
 from service.metrics import INVALID, SUCCESS, UNKNOWN, front_metrics
 from service.models import CLIENT_ID_PATTERN
+from service.plans import Limits, PlanCache
 from service.policy import Policy, PolicyCache
 from service.protocol import DecodeError, ReplyTo, decode, encode_error, encode_success, validate
 from service.settings import Settings
@@ -48,7 +49,14 @@ class _Pending:
     command: Command
     plan: Plan
     client_id: str | None
+    bound: int  # its reply's largest size (by its client's limits)
+    body: bytes  # kept for a second plan once the session's owner is known
+    identity: str | None
+    peer: str
     first_call: int = 0
+
+
+_OWNER = b"OWNER"  # a script's answer when the owner's plan must be resolved by id
 
 
 class _Refused(DecodeError):
@@ -73,24 +81,26 @@ class Dispatcher:
         policy: PolicyCache | None = None,
         authenticated: bool = False,
         curve_clients: ClientKeyCache | None = None,
+        plans: PlanCache | None = None,
     ) -> None:
         """curve_clients: on a front without CURVE, the registered CURVE keys;
-        a client that has one is served by CURVE fronts only."""
+        a client that has one is served by CURVE fronts only. plans: the plan
+        table (service/plans.py); without one every client has the settings."""
         self.settings = settings
         self.store = store
         self.policy = policy
+        self.plans = plans if plans is not None else PlanCache(None, settings)
         self.authenticated = authenticated
         self.curve_clients = curve_clients
         self.started_at = time.monotonic()
         self.command_names = tuple(COMMANDS)
-        self.rate_spec = settings.rate_spec()
-        self.create_rate_spec = settings.rate_spec(create=True)
         self.metrics = front_metrics(settings)
         self._checkpoint_event = (
             self.metrics.checkpoint_event if self.metrics is not None else None
         )
         self.stats = StatsCache(settings.stats_max_age)
-        self.reply_bounds = {c.name: c.reply_bound(settings) for c in COMMANDS.values()}
+        # Reply bounds by what they depend on (Command.reply_bound): a few.
+        self._bounds: dict[tuple[int, int, int, int], dict[str, int]] = {}
 
     def handle(
         self,
@@ -130,37 +140,56 @@ class Dispatcher:
         for n, body in enumerate(bodies):
             identity = identities[n] if identities is not None else None
             peer = peers[n] if peers is not None else ""
-            try:
-                command, plan, reply_to, client_id = self._plan(body, identity, peer, policy)
-            except DecodeError as exc:
-                command_label = exc.command if isinstance(exc, _Refused) else INVALID
-                labels[n] = (command_label, exc.error.code)
-                ready.append((n, encode_error(exc.reply_to, exc.error)))
-                continue
-            if not plan.calls and not (plan.needs_stats and not self.stats.fresh()):
-                reply, labels[n] = self._finish(reply_to, command, plan, [], client_id)
-                ready.append((n, reply))
-                continue
-            pending.append(_Pending(n, reply_to, command, plan, client_id))
+            planned = self._planned(n, body, identity, peer, policy, labels)
+            if isinstance(planned, _Pending):
+                pending.append(planned)
+            else:
+                ready.append(planned)
         if ready:
             yield ready
-        budget, group = self.settings.batch_reply_bytes, list[_Pending]()
-        used = 0
-        bounds = self.reply_bounds
-        for p in pending:
-            bound = bounds[p.command.name]
-            if group and used + bound > budget:
-                yield self._round_trip(group, labels)
-                group, used = [], 0
-            group.append(p)
-            used += bound
-        if group:
-            yield self._round_trip(group, labels)
+        # Requests whose session owner the front had to learn go round once
+        # more, planned with that owner's limits (service/plans.py).
+        while pending:
+            again: list[_Pending] = []
+            yield from self._round_trips(pending, labels, again, policy)
+            pending = again
         if outcomes is not None:
             outcomes.extend(labels)
 
+    def _planned(
+        self, n: int, body: bytes, identity: str | None, peer: str, policy: Policy | None,
+        labels: list[tuple[str, str]],
+    ) -> _Pending | tuple[int, bytes]:
+        """A request to send to Redis, or its reply when it needs none."""
+        try:
+            command, plan, reply_to, client_id, bound = self._plan(body, identity, peer, policy)
+        except DecodeError as exc:
+            command_label = exc.command if isinstance(exc, _Refused) else INVALID
+            labels[n] = (command_label, exc.error.code)
+            return n, encode_error(exc.reply_to, exc.error)
+        if not plan.calls and not (plan.needs_stats and not self.stats.fresh()):
+            reply, labels[n] = self._finish(reply_to, command, plan, [], client_id)
+            return n, reply
+        return _Pending(n, reply_to, command, plan, client_id, bound, body, identity, peer)
+
+    def _round_trips(
+        self, pending: list[_Pending], labels: list[tuple[str, str]], again: list[_Pending],
+        policy: Policy | None,
+    ) -> Iterator[list[tuple[int, bytes]]]:
+        budget, group = self.settings.batch_reply_bytes, list[_Pending]()
+        used = 0
+        for p in pending:
+            if group and used + p.bound > budget:
+                yield self._round_trip(group, labels, again, policy)
+                group, used = [], 0
+            group.append(p)
+            used += p.bound
+        if group:
+            yield self._round_trip(group, labels, again, policy)
+
     def _round_trip(
-        self, group: list[_Pending], labels: list[tuple[str, str]]
+        self, group: list[_Pending], labels: list[tuple[str, str]], again: list[_Pending],
+        policy: Policy | None,
     ) -> list[tuple[int, bytes]]:
         calls: list[Call] = []
         refresh = 0
@@ -201,14 +230,48 @@ class Dispatcher:
             # trip may carry batch_reply_bytes of them, and holding every raw
             # reply beside every encoded one doubles what the front holds.
             results[p.first_call : end] = [None] * (end - p.first_call)
+            if own and isinstance(own[0], list) and own[0] and own[0][0] == _OWNER:
+                # Nothing was written: plan it again with the owner's limits.
+                self.plans.learn(own[0][1].decode("utf-8"))
+                planned = self._planned(p.n, p.body, p.identity, p.peer, policy, labels)
+                if isinstance(planned, _Pending):
+                    again.append(planned)
+                else:
+                    done.append(planned)
+                continue
             reply, labels[p.n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
             del own
             done.append((p.n, reply))
         return done
 
+    def _limits(self, client_id: str | None, session_id: Any) -> tuple[Limits, str]:
+        """The request's client's limits, and the prefixes its script must
+        check (service/plans.py)."""
+        if client_id is not None:
+            return self.plans.for_client(client_id), ""
+        if isinstance(session_id, str) and keys.is_session_id(session_id):
+            return self.plans.for_owner(keys.chash_of_session(session_id))
+        return self.plans.defaults, ""
+
+    def _bounds_of(self, limits: Limits) -> dict[str, int]:
+        s, base = limits.settings, self.settings
+        # Counts by the larger of the plan's and the service's: sessions and
+        # checkpoints made before a plan lowered its cap are still listed.
+        sessions = max(s.max_sessions_per_client, base.max_sessions_per_client)
+        checkpoints = max(s.max_checkpoints, base.max_checkpoints)
+        key = (s.max_state_bytes, s.client_info_cap, sessions, checkpoints)
+        found = self._bounds.get(key)
+        if found is None:
+            sized = s.model_copy(
+                update={"max_sessions_per_client": sessions, "max_checkpoints": checkpoints}
+            )
+            found = {c.name: c.reply_bound(sized) for c in COMMANDS.values()}
+            self._bounds[key] = found
+        return found
+
     def _plan(
         self, body: bytes, identity: str | None, peer: str, policy: Policy | None
-    ) -> tuple[Command, Plan, ReplyTo, str | None]:
+    ) -> tuple[Command, Plan, ReplyTo, str | None, int]:
         request = decode(body, self.settings.max_request_bytes)
         reply_to = request.reply_to
         client_id: str | None = None
@@ -240,20 +303,26 @@ class Dispatcher:
             if self.curve_clients is not None and self.curve_clients.keys:
                 self._curve_only(client_id, params.get("session_id"), command.name)
             validated = validate(command.params, params)
+            limits, prefixes = self._limits(client_id, params.get("session_id"))
+            rate_spec = limits.rate_spec
+            if prefixes:
+                rate_spec = f"{rate_spec};{prefixes}"
             ctx = Ctx(
-                settings=self.settings,
+                settings=limits.settings,
                 command=command.name,
                 request_id=reply_to.id,
                 params=params,
                 started_at=self.started_at,
                 command_names=self.command_names,
-                rate_spec=self.rate_spec,
-                create_rate_spec=self.create_rate_spec,
+                rate_spec=rate_spec,
+                create_rate_spec=limits.create_rate_spec,
+                plan=limits.plan,
                 requester=f"key:{identity}" if self.authenticated else f"addr:{peer}",
                 stats=self.stats,
                 checkpoint_event=self._checkpoint_event,
             )
-            return command, command.handler(validated, ctx), reply_to, client_id
+            bound = self._bounds_of(limits)[command.name]
+            return command, command.handler(validated, ctx), reply_to, client_id, bound
         except StuiError as exc:
             raise _Refused(exc, reply_to, label) from None
         except Exception:  # a bug answers InternalError; the stack goes to the log

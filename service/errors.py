@@ -21,8 +21,8 @@ class InvalidRequest(StuiError):
     code = "InvalidRequest"
     default_message = "invalid request"
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message, field=field)
+    def __init__(self, message: str, field: str | None = None, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
 
 
 class UnknownCommand(StuiError):

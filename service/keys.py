@@ -20,6 +20,7 @@ stui:{b<b>}:rl:<h> (rate-limit buckets); this one never reads them, and
 they expire on their own.
     stui:{policy}:<list>         set     client policy: allow, allow-prefix, deny, deny-prefix
     stui:{auth}:curve            hash    CURVE public key (Z85) -> client id
+    stui:{plans}:defs|exact|prefix|version   plans, their assignments, a change counter
 """
 
 from __future__ import annotations
@@ -95,6 +96,28 @@ def bucket_clients_key(bucket: int) -> str:
 def policy_key(list_name: str) -> str:
     """list_name: allow, allow-prefix, deny or deny-prefix (one hash slot for all)."""
     return f"{PREFIX}:{{policy}}:{list_name}"
+
+
+# Plans (service/plans.py): one hash slot, so that a change and its version
+# bump are one transaction.
+def plan_defs_key() -> str:
+    """hash: plan name -> JSON of the limits it sets."""
+    return f"{PREFIX}:{{plans}}:defs"
+
+
+def plan_exact_key() -> str:
+    """hash: client id -> plan name."""
+    return f"{PREFIX}:{{plans}}:exact"
+
+
+def plan_prefix_key() -> str:
+    """hash: client id prefix -> plan name."""
+    return f"{PREFIX}:{{plans}}:prefix"
+
+
+def plan_version_key() -> str:
+    """string: INCR'd at every change of the three above; fronts re-read on a move."""
+    return f"{PREFIX}:{{plans}}:version"
 
 
 def curve_clients_key() -> str:

@@ -169,10 +169,24 @@ local function level(tokens, at, r, cap)
   return math.min(cap, tokens + (now - at) * r / 1000)
 end
 
+-- Plans by prefix (service/plans.py): ARGV[6] may carry, after a ';', the
+-- prefixes of the plan assignments, when the front could not tell a session
+-- owner's plan from its hash. The rate limit then waits for the owner
+-- (load_meta): an owner that a prefix matches is sent back as
+-- {'OWNER', client id} before anything is written, and the front asks
+-- again with that client's own limits; any other goes on with these.
+local plan_prefixes, deferred_rate = nil, nil
+
 -- Token buckets in the index's '!r': g (every command) and c (create_session
 -- too). Returns nil when the request may go on (its tokens are taken at
 -- idx_flush), else {'RATELIMITED', ms until a token is back}.
 local function rate_take(bucket, spec)
+  local cut = string.find(spec, ';', 1, true)
+  if cut then
+    plan_prefixes = string.sub(spec, cut + 1)
+    deferred_rate = {bucket, string.sub(spec, 1, cut - 1)}
+    return nil
+  end
   if spec == '' then return nil end
   local rate, burst, crate, cburst, create =
     string.match(spec, '^([^,]+),([^,]+),([^,]+),([^,]+),([01])$')
@@ -308,6 +322,14 @@ local function load_meta(...)
   if got[1] then m = unpack_meta(got[1]) else m = legacy_meta() end
   if not m then return nil end
   if (ARGV[1] ~= '' and m.c ~= ARGV[1]) or m.xe <= now then return nil end
+  if plan_prefixes then
+    local owner = m.c or ''
+    for p in string.gmatch(plan_prefixes, '[^\t]+') do
+      if string.sub(owner, 1, #p) == p then return nil, {'OWNER', owner} end
+    end
+    local limited = rate_take(deferred_rate[1], deferred_rate[2])
+    if limited then return nil, limited end
+  end
   m.q = got[2] or nil
   m.extra = {}
   for i = 3, select('#', ...) + 2 do m.extra[#m.extra + 1] = got[i] end
@@ -669,8 +691,8 @@ RESTORE = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 m.a = 1
 local moved = refresh(m)
 session_write(m, {})
@@ -720,8 +742,8 @@ end
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then
   if r[1] == 'REUSED' then return r end
@@ -852,8 +874,8 @@ if qf and idx[qf] then
   local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
   if r then return r end
 end
-local m = load_meta()
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta()
+if not m then return early or {'NOTFOUND'} end
 local saved = 0
 if ARGV[7] == '1' then
   m.a = 0
@@ -881,8 +903,8 @@ INFO = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('ci', 'kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('ci', 'kh')
+if not m then return early or {'NOTFOUND'} end
 idx_flush(idx)
 return {'OK', now, pack_meta(m), m.extra[1] or false, m.extra[2] or false}
 """,
@@ -957,8 +979,8 @@ SAVE_CONTEXT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta()
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then return r end
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
@@ -1038,8 +1060,8 @@ LOAD_CONTEXT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 local moved = refresh(m)
 session_write(m, {})
 index_write(m, moved, idx)
@@ -1069,8 +1091,8 @@ SUMMARY = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('wv', 'ih', 'so')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('wv', 'ih', 'so')
+if not m then return early or {'NOTFOUND'} end
 idx_flush(idx)
 local s = m.extra
 return {'OK', tonumber(s[1]) or 0, tonumber(s[2]) or 0, s[3] or false, m.rn, m.en, m.eo,
@@ -1091,8 +1113,8 @@ CLEAR_CONTEXT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then r[3] = 0; return r end
 local parts = ARGV[7]
@@ -1143,8 +1165,8 @@ RECORD_EVALUATION = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta()
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then return r end
 local before = cost(m)
@@ -1183,8 +1205,8 @@ REGISTER_OBJECT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta()
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then return r end
 local f = 'o:' .. ARGV[7]
@@ -1216,8 +1238,8 @@ RELEASE_OBJECT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta()
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta()
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then return r end
 local f = 'o:' .. ARGV[7]
@@ -1321,8 +1343,8 @@ CREATE_CHECKPOINT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then
   if r[1] == 'REUSED' then return r end
@@ -1359,8 +1381,8 @@ LIST_CHECKPOINTS = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 idx_flush(idx)
 local ck = checkpoint_kit()
 local book = ck.open(m.extra[1])
@@ -1392,8 +1414,8 @@ RESTORE_CHECKPOINT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh', 'k:' .. ARGV[7])
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh', 'k:' .. ARGV[7])
+if not m then return early or {'NOTFOUND'} end
 local function state_of(reply) return hmget_pairs(reply, prefixed('s:')) end
 local r = replay_lookup(m.q)
 if r then
@@ -1437,8 +1459,8 @@ DELETE_CHECKPOINT = _script(
 local idx = index_read()
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
-local m = load_meta('kh')
-if not m then return {'NOTFOUND'} end
+local m, early = load_meta('kh')
+if not m then return early or {'NOTFOUND'} end
 local r = replay_lookup(m.q)
 if r then return r end
 local ck = checkpoint_kit()

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Within the protocol's 1 .. 2592000 s (models.MIN_TIMEOUT, models.MAX_TIMEOUT).
     default_timeout: int = Field(default=3600, ge=1, le=2_592_000)
     history_limit: int = Field(default=50, ge=1)
+    # The largest timeout a client may ask for (a plan may lower it; the
+    # protocol's bound, 30 days, is the most).
+    max_timeout: int = Field(default=2_592_000, ge=1, le=2_592_000)
     max_state_bytes: int = Field(default=MIB, ge=1024)
     max_registry_size: int = Field(default=1000, ge=1)
     # Checkpoints per session, and their bytes in all (each checkpoint's

@@ -17,7 +17,7 @@ import pytest
 import redis
 import zmq
 
-from service import auth, clients, keys, policy
+from service import auth, clients, keys, plans, policy
 from service.backup import verify_backup
 from service.backup_read import iter_backup
 from service.settings import Settings
@@ -133,7 +133,7 @@ def test_show_one_client_whole(topology: Topology, topo_front: FrontProcess) -> 
     view = json.loads(done.stdout)
     settings = Settings()
     assert view["client_id"] == GONE and view["plan"] is None
-    assert view["limits"] == clients.effective_limits(settings)
+    assert view["limits"] == plans.Limits.of(settings, None, {}).report()
     assert view["limits"]["max_sessions_per_client"] == 5
     assert sorted(s["session_id"] for s in view["sessions"]) == sorted(sids)
     by_id = {s["session_id"]: s for s in view["sessions"]}
@@ -164,6 +164,9 @@ def test_purge_leaves_nothing_and_backups_keep_the_others(
         before = {sid: whole(c, sid) for sid in kept}
     with topology.client() as r:
         auth.add_client_key(r, GONE, public.decode())
+        plans.set_plan(r, "gold", {"max_checkpoints": 20})
+        plans.assign(r, GONE, "gold")
+        plans.assign(r, "gone-", "gold", prefix=True)  # a prefix is not the client's
     assert traces(topology.masters, GONE)  # the scan can see the client
     backups = tmp_path / "backups"
     backups.mkdir()
@@ -181,12 +184,14 @@ def test_purge_leaves_nothing_and_backups_keep_the_others(
     assert report["index_keys"] == 1 and report["rate_buckets"] == 1
     assert report["expiry_members"] == 3 and report["clients_members"] == 1
     assert report["curve_keys"] == 1 and report["denied_during"] is True
+    assert report["plan_assignments"] == 1
     assert '"event": "purged"' in done.stderr and f'"client_id": "{GONE}"' in done.stderr
 
     # Nothing of it in Redis: no key, no field, no member, no value.
     assert traces(topology.masters, GONE) == []
     with topology.client() as r:
         assert GONE not in policy.read_policy(r).deny  # the purge's own rule went too
+        assert plans.read_table(r).prefixes == {"gone-": "gold"}
         assert not clients.redis_holds_client(r, GONE)
     # The other client is untouched, and the erased one starts afresh once
     # the fronts have dropped the purge's deny rule (within policy_refresh).

@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
     cli_admin.register(sub)
     cli_admin.register_keys(sub)
+    cli_admin.register_plans(sub)
     cli_clients.register(sub)
     cli_ops.register(sub)
     cli_http.register(sub)

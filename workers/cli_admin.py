@@ -1,4 +1,4 @@
-"""Administrative subcommands: client policy and CURVE client keys.
+"""Administrative subcommands: client policy, CURVE client keys and plans.
 
 They talk to Redis directly; every front worker picks a change up within
 `policy_refresh` seconds (default 0.5 s), without a restart.
@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq.auth
 
-from service import auth, policy
+from service import auth, plans, policy
 from service.store import RedisClient
 from workers.cli_common import EXIT_BAD_FILE, add_redis_flags, with_redis
 from workers.curve import generate_key_pair
@@ -102,3 +102,73 @@ def register_keys(sub: Any) -> None:
     for p in (add, remove, listing):
         add_redis_flags(p)
     keys.set_defaults(func=cmd_keys)
+
+
+# `plans set` flags: each sets one limit (service/plans.py LIMITS).
+_PLAN_FLAGS = {
+    "max_sessions": ("max_sessions_per_client", int),
+    "rate_limit": ("rate_limit", float),
+    "rate_burst": ("rate_burst", int),
+    "max_state_bytes": ("max_state_bytes", int),
+    "max_timeout": ("max_timeout", int),
+    "history_limit": ("history_limit", int),
+    "max_checkpoints": ("max_checkpoints", int),
+    "max_checkpoint_bytes": ("max_checkpoint_bytes", int),
+}
+
+
+def cmd_plans(args: argparse.Namespace) -> int:
+    def body(client: RedisClient) -> int:
+        if args.action == "set":
+            limits = {
+                name: getattr(args, flag)
+                for flag, (name, _) in _PLAN_FLAGS.items()
+                if getattr(args, flag) is not None
+            }
+            plans.set_plan(client, args.name, limits)
+        elif args.action == "remove" and not plans.remove_plan(client, args.name):
+            print(f"{args.name}: no such plan", file=sys.stderr)
+            return 1
+        elif args.action == "assign":
+            plans.assign(client, args.client_id, args.plan, prefix=args.prefix)
+        elif args.action == "unassign" and not plans.unassign(
+            client, args.client_id, prefix=args.prefix
+        ):
+            kind = "prefix" if args.prefix else "client id"
+            print(f"{args.client_id}: no such {kind} assigned", file=sys.stderr)
+            return 1
+        print(json.dumps(plans.describe(plans.read_table(client)), indent=2))
+        return 0
+
+    return with_redis(args, body)
+
+
+def register_plans(sub: Any) -> None:
+    p = sub.add_parser(
+        "plans",
+        help="named sets of limits, assigned to a client id or an id prefix",
+        description="An exact assignment beats the longest matching prefix, which beats the "
+        "service's settings; a limit a plan leaves unset follows the settings. Every front "
+        "worker applies a change within policy_refresh seconds. Each command prints every "
+        "plan and assignment as JSON.",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    put = actions.add_parser("set", help="create or replace a plan (unset limits follow the "
+                             "service's settings)")
+    put.add_argument("name", metavar="NAME")
+    for flag, (name, kind) in _PLAN_FLAGS.items():
+        put.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=name)
+    listing = actions.add_parser("list", help="every plan and assignment")
+    remove = actions.add_parser("remove", help="remove a plan (refused while assigned)")
+    remove.add_argument("name", metavar="NAME")
+    give = actions.add_parser("assign", help="give a client id (or, with --prefix, every id "
+                              "that starts with it) a plan")
+    give.add_argument("client_id", metavar="CLIENT_ID")
+    give.add_argument("plan", metavar="PLAN")
+    give.add_argument("--prefix", action="store_true", help="CLIENT_ID is a prefix")
+    take = actions.add_parser("unassign", help="remove a client id's (or prefix's) assignment")
+    take.add_argument("client_id", metavar="CLIENT_ID")
+    take.add_argument("--prefix", action="store_true", help="CLIENT_ID is a prefix")
+    for q in (put, listing, remove, give, take):
+        add_redis_flags(q)
+    p.set_defaults(func=cmd_plans)

@@ -6,6 +6,7 @@ import logging
 
 from service.auth import ClientKeyCache
 from service.dispatch import Dispatcher
+from service.plans import PlanCache
 from service.policy import PolicyCache
 from service.settings import Settings
 from service.store import Store, redis_for
@@ -35,10 +36,11 @@ def build_dispatcher(settings: Settings) -> tuple[Dispatcher, ClientKeyCache | N
     client = redis_for(settings)
     policy = PolicyCache(client)
     key_cache = ClientKeyCache(client)
-    Refresher([policy.refresh, key_cache.refresh], settings.policy_refresh).start()
+    plans = PlanCache(client, settings)
+    Refresher([policy.refresh, key_cache.refresh, plans.refresh], settings.policy_refresh).start()
     # WAIT for replicas at most half the storage timeout: the reply must still
     # come within the bound the protocol promises.
     store = Store(client, settings.redis_wait_replicas, int(settings.storage_timeout * 500))
     if settings.curve:
-        return Dispatcher(settings, store, policy, authenticated=True), key_cache
-    return Dispatcher(settings, store, policy, curve_clients=key_cache), None
+        return Dispatcher(settings, store, policy, authenticated=True, plans=plans), key_cache
+    return Dispatcher(settings, store, policy, curve_clients=key_cache, plans=plans), None

@@ -56,6 +56,9 @@ class Ctx:
     stats: StatsCache | None = None  # the worker's statistics snapshot
     # Counts a checkpoint event (metrics.CHECKPOINT_EVENTS); None: metrics off.
     checkpoint_event: Callable[[str], None] | None = None
+    # The client's plan (service/plans.py), whose limits `settings` holds;
+    # None: the service's own.
+    plan: str | None = None
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from service import keys, layout, models, scripts
 from service.codec import Fragment
-from service.errors import PayloadTooLarge
+from service.errors import InvalidRequest, PayloadTooLarge
 from service.handlers.base import (
     Ctx,
     Plan,
@@ -29,7 +29,14 @@ from service.store import Call
 
 def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     s = ctx.settings
-    timeout = p.timeout if p.timeout is not None else s.default_timeout
+    # A plan may lower the largest timeout below the default: then that is it.
+    timeout = p.timeout if p.timeout is not None else min(s.default_timeout, s.max_timeout)
+    if timeout > s.max_timeout:
+        raise InvalidRequest(
+            f"timeout above this client's largest, {s.max_timeout} s",
+            field="timeout",
+            limit=s.max_timeout,
+        )
     info = encode_value(p.client_info, "client_info") if p.client_info is not None else b""
     if len(info) > s.client_info_cap:
         raise PayloadTooLarge(

@@ -28,6 +28,8 @@ def ping(p: models.Ping, ctx: Ctx) -> Plan:
 
 
 def describe(p: models.NoParams, ctx: Ctx) -> Plan:
+    """With a client id (named or authenticated), ctx.settings holds that
+    client's own limits (its plan's over the service's), and `plan` names it."""
     s = ctx.settings
     return rate_limited(
         ctx,
@@ -45,7 +47,7 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "max_sessions_per_client": s.max_sessions_per_client,
                     "default_timeout": s.default_timeout,
                     "min_timeout": models.MIN_TIMEOUT,
-                    "max_timeout": models.MAX_TIMEOUT,
+                    "max_timeout": s.max_timeout,
                     "history_limit": s.history_limit,
                     "max_state_bytes": s.max_state_bytes,
                     "max_registry_size": s.max_registry_size,
@@ -78,6 +80,7 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "batch_reply_bytes": s.batch_reply_bytes,
                     "stats_max_age": s.stats_max_age,
                 },
+                **({"plan": ctx.plan} if p.client_id is not None else {}),
             }
         ),
     )
