@@ -108,8 +108,10 @@ class Bench:
                 assert c is not None
                 ctx = Ctx(settings=self.settings, command=c.name, request_id=r.reply_to.id,
                           params=dict(r.params), started_at=d.started_at,
-                          command_names=d.command_names, rate_spec=d.rate_spec,
-                          create_rate_spec=d.create_rate_spec, requester="addr:127.0.0.1",
+                          command_names=d.command_names,
+                          rate_spec=d.plans.defaults.rate_spec,
+                          create_rate_spec=d.plans.defaults.create_rate_spec,
+                          requester="addr:127.0.0.1",
                           stats=d.stats)
                 plans.append(c.handler(v, ctx))
             spent["plan"] += clock() - t

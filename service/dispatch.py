@@ -99,7 +99,9 @@ class Dispatcher:
             self.metrics.checkpoint_event if self.metrics is not None else None
         )
         self.stats = StatsCache(settings.stats_max_age)
-        # Reply bounds by what they depend on (Command.reply_bound): a few.
+        # Reply bounds per Limits (by identity), and by what they depend on
+        # (Command.reply_bound): a few of each.
+        self._bounds_by: dict[Limits, dict[str, int]] = {}
         self._bounds: dict[tuple[int, int, int, int], dict[str, int]] = {}
 
     def handle(
@@ -148,11 +150,17 @@ class Dispatcher:
         if ready:
             yield ready
         # Requests whose session owner the front had to learn go round once
-        # more, planned with that owner's limits (service/plans.py).
-        while pending:
+        # more, planned with that owner's limits (service/plans.py). Once
+        # learned the owner needs no second look, so two rounds are enough.
+        for _ in range(2):
             again: list[_Pending] = []
             yield from self._round_trips(pending, labels, again, policy)
             pending = again
+            if not pending:
+                break
+        if pending:
+            log.error("%d requests still had no known owner after two rounds", len(pending))
+            yield [(p.n, encode_error(p.reply_to, InternalError())) for p in pending]
         if outcomes is not None:
             outcomes.extend(labels)
 
@@ -254,6 +262,15 @@ class Dispatcher:
         return self.plans.defaults, ""
 
     def _bounds_of(self, limits: Limits) -> dict[str, int]:
+        known = self._bounds_by.get(limits)
+        if known is not None:
+            return known
+        if len(self._bounds_by) > 256:  # Limits of tables replaced since
+            self._bounds_by.clear()
+        known = self._bounds_by[limits] = self._sized_bounds(limits)
+        return known
+
+    def _sized_bounds(self, limits: Limits) -> dict[str, int]:
         s, base = limits.settings, self.settings
         # Counts by the larger of the plan's and the service's: sessions and
         # checkpoints made before a plan lowered its cap are still listed.

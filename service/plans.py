@@ -84,7 +84,7 @@ def check_limits(limits: Mapping[str, Any]) -> dict[str, int | float]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # by identity: the dispatcher keys caches by it
 class Limits:
     """A client's effective limits: the settings with its plan's values over
     them, and what the dispatcher derives from them once per plan."""
@@ -152,6 +152,7 @@ class PlanCache:
         }
         # Swapped whole: a request reads one consistent table.
         self.state = (table, limits, by_hash, "\t".join(sorted(table.prefixes)))
+        self._by_id: dict[str, Limits] = {}  # resolved ids, for this table only
 
     @property
     def table(self) -> PlanTable:
@@ -172,8 +173,16 @@ class PlanCache:
 
     def for_client(self, client_id: str) -> Limits:
         table, limits, _, _ = self.state
-        name = table.plan_for(client_id)
-        return self.defaults if name is None else limits[name]
+        if not limits:
+            return self.defaults  # no plans: nothing to look up
+        found = self._by_id.get(client_id)
+        if found is None:
+            name = table.plan_for(client_id)  # a loop over the prefixes: once per id
+            found = self.defaults if name is None else limits[name]
+            if len(self._by_id) >= self.LEARNED_MAX:
+                self._by_id.clear()
+            self._by_id[client_id] = found
+        return found
 
     def for_owner(self, chash: str) -> tuple[Limits, str]:
         """The limits of a session's owner known by its hash, and the

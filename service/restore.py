@@ -37,7 +37,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from service import keys, layout, limits, models, scripts
+from service import keys, layout, limits, models, plans, scripts
 from service.backup import BATCH_BYTES, _size
 from service.backup_format import BATCH, BackupInfo, Progress, SessionRecord, max_line_for
 from service.backup_read import read_verified, verify_backup
@@ -385,6 +385,8 @@ def restore_verified(
     replaced since raises BackupError before the first write). The limits are
     those of `settings` (the defaults when None)."""
     limits_ = settings or Settings()
+    # Each session's client keeps its plan's session limit (service/plans.py).
+    table = plans.read_table(client)
     result = RestoreResult()
     batch: list[SessionRecord] = []
     done = size = 0
@@ -400,7 +402,7 @@ def restore_verified(
                 batch.append(checked)
                 size += _size(checked)
         if batch and (rec is None or len(batch) >= BATCH or size >= BATCH_BYTES):
-            _restore_batch(client, batch, force, limits_, result)
+            _restore_batch(client, batch, force, limits_, result, table)
             batch, size = [], 0
             if progress:
                 progress(done)
@@ -415,6 +417,7 @@ def _restore_batch(
     force: bool,
     limits_: Settings,
     result: RestoreResult,
+    table: plans.PlanTable,
 ) -> None:
     # Through the Store: one pipeline per master on a Cluster, and scripts
     # (re)loaded on NOSCRIPT, so a Redis restart mid-restore is survived.
@@ -423,7 +426,12 @@ def _restore_batch(
         sid = rec.session_id
         template, content = rec.fields[0][1], rec.fields[1:]
         args: list[str | bytes | int] = ["", "", "", sid, keys.chash_of_session(sid), ""]
-        args += [rec.expires_ms, "1" if force else "0", limits_.max_sessions_per_client, template]
+        # The template ends with the client id (layout.pack_template).
+        owner = template.rsplit(b",", 1)[-1].decode("utf-8", "replace")
+        plan = table.plan_for(owner)
+        most = table.plans[plan].get("max_sessions_per_client") if plan else None
+        most = int(most) if most is not None else limits_.max_sessions_per_client
+        args += [rec.expires_ms, "1" if force else "0", most, template]
         for name, value in content:
             args += [name, value]
         calls.append(Call(scripts.RESTORE_BACKUP, keys.session_keys(sid), args))
