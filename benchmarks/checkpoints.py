@@ -449,6 +449,20 @@ def _fixed_rows(fixed: dict[str, float], then: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _room(clear: dict[str, Any], saving: float) -> str:
+    """Would clear_context hold its floor with `saving` us less per call: its
+    figure here less the saving, projected as the floors table projects."""
+    base, this, recorded = (clear.get("base_low"), clear.get("this_low"),
+                            clear.get("recorded_usec"))
+    if not base or not this or not recorded:
+        return ""
+    projected = (this - saving) / base * recorded
+    return (f"With that saving, clear_context would be {this - saving:.1f} us here instead of"
+            f" {this:.1f} (the judged tree's {base:.1f}; the lowest of the rounds),"
+            f" projected {projected:.1f} us against the floor's {targets.REDIS_OTHER_US:.0f}: "
+            + ("still over it." if projected > targets.REDIS_OTHER_US else "under it."))
+
+
 def _pieces(result: dict[str, Any]) -> dict[str, str]:
     pieces = result["snapshot_pieces"]
     rows = pieces["rows"]
@@ -469,8 +483,17 @@ def _pieces(result: dict[str, Any]) -> dict[str, str]:
         f" Of these, {redis_own:.1f} us are Redis' own commands (the HGETALL that reads the"
         f" session, the HSET that writes a snapshot as large as the session into its listpack)"
         f" and {lua:.1f} us the Lua between them (the filter loop, and cmsgpack's packing in C).")
+    designs = pieces.get("alternatives", [])
+    best = min(designs[1:], key=lambda d: d["over_nothing"]) if len(designs) > 1 else None
+    designs_verdict = "" if best is None else (
+        f"The cheapest of them, \"{best['design']}\", takes {best['over_nothing']:.1f} us against"
+        f" {designs[0]['over_nothing']:.1f} us as built: "
+        f"{1 - best['over_nothing'] / designs[0]['over_nothing']:.0%} less. "
+        + _room(clear, designs[0]["over_nothing"] - best["over_nothing"]))
     return {"pieces_rows": snapshot_cost.rows_md(rows), "pieces_rounds": str(pieces["rounds"]),
-            "pieces_calls": f"{pieces['calls']:,}", "pieces_verdict": verdict}
+            "pieces_calls": f"{pieces['calls']:,}", "pieces_verdict": verdict,
+            "designs_rows": snapshot_cost.alternatives_md(designs),
+            "designs_verdict": designs_verdict}
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -578,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     progress("an automatic checkpoint's steps (benchmarks.snapshot_cost)")
     pieces_rounds, pieces_calls = (1, 300) if args.quick else (5, 2000)
     pieces = snapshot_cost.measure(pieces_rounds, pieces_calls)
+    progress("other ways to take that checkpoint (benchmarks.snapshot_cost)")
+    designs = snapshot_cost.alternatives(pieces_rounds, pieces_calls)
     progress("fixed costs of a script call")
     fixed = rediscost.fixed_costs(rounds=1 if args.quick else 3,
                                   calls=500 if args.quick else 2000)
@@ -592,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         "existing": {"against": against, "recorded_date": recorded_date,
                      "commands": existing(base, new, then)},
         "fixed": fixed, "fixed_recorded": fixed_then, "memory": mem,
-        "snapshot_pieces": {"rounds": pieces_rounds, "calls": pieces_calls, "rows": pieces},
+        "snapshot_pieces": {"rounds": pieces_rounds, "calls": pieces_calls, "rows": pieces,
+                            "alternatives": designs},
     }
     for command, c in result["existing"]["commands"].items():
         progress(f"{command}: {c['base_usec']:.1f} -> {c['this_usec']:.1f} us "

@@ -48,6 +48,29 @@ STEPS: list[tuple[str, str]] = [
     ("+ HSET of the snapshot and its head into the hash", _WRITE),
 ]
 
+# Other ways to take the same checkpoint, each a whole script (measured as
+# the steps are): what was tried to bring clear_context under its floor.
+_LABELLED = ("redis.call('HSET', KEYS[1], 'k:1', blob, 'kl:1', 'before clear_context', 'kh', "
+             "'1;1,2,3,' .. #blob .. ',1')\n")
+_CONCAT = """local lens = {}
+for i = 1, #names do lens[i] = #values[i] end
+local blob = table.concat({'1,2,3,4,5,6,7,8,9,10;', table.concat(names, '\\0'), ';',
+  table.concat(lens, ','), ';', table.concat(values)})
+"""
+_PACK_ALL = "local blob = cmsgpack.pack(all)\n"
+_WRITE_ELSEWHERE = _WRITE.replace("KEYS[1]", "'x' .. KEYS[1]")
+ALTERNATIVES: list[tuple[str, str]] = [
+    ("as built: the steps above, and the label in a field of its own (`kl:<id>`)",
+     _READ + _FILTER + _PACK + _LABELLED),
+    ("no label field (the head would say which command took it)", _READ + _FILTER + _PACK + _WRITE),
+    ("no label field, the snapshot built by table.concat (names, lengths, values)",
+     _READ + _FILTER + _CONCAT + _WRITE),
+    ("no label field, the snapshot written to a key of its own (no listpack growth)",
+     _READ + _FILTER + _PACK + _WRITE_ELSEWHERE),
+    ("no label field, no filter: the whole HGETALL packed (metadata and replay records too)",
+     _READ + _PACK_ALL + _WRITE),
+]
+
 
 def _session(url: str) -> dict[bytes, bytes]:
     """One session hash as the rediscost probe's clear_context finds it."""
@@ -60,18 +83,15 @@ def _session(url: str) -> dict[bytes, bytes]:
     return p.r.hgetall(key)  # type: ignore[return-value]
 
 
-def measure(rounds: int = 5, calls: int = 2000) -> list[dict[str, Any]]:
-    """Rows of {step, usec (median over rounds of usec per call), added}."""
+def _timed(scripts: list[str], rounds: int, calls: int) -> list[float]:
+    """Each script's Redis us per call (median over rounds), on fresh copies
+    of the probe's session hash, the scripts taking turns in every round."""
     server = EmbeddedRedis().start()
     try:
         fields = _session(server.url)
         r = redis.Redis.from_url(server.url)
-        body = ""
-        shas = []
-        for _, step in STEPS:
-            body += step
-            shas.append(r.script_load(body + "return 1"))
-        found: list[list[float]] = [[] for _ in STEPS]
+        shas = [r.script_load(body + "return 1") for body in scripts]
+        found: list[list[float]] = [[] for _ in scripts]
         for _ in range(rounds):
             for n, sha in enumerate(shas):
                 r.flushall()
@@ -88,13 +108,36 @@ def measure(rounds: int = 5, calls: int = 2000) -> list[dict[str, Any]]:
                 found[n].append(stat["usec"] / stat["calls"])
     finally:
         server.stop()
+    return [statistics.median(v) for v in found]
+
+
+def measure(rounds: int = 5, calls: int = 2000) -> list[dict[str, Any]]:
+    """Rows of {step, usec (median over rounds of usec per call), added}."""
+    bodies, body = [], ""
+    for _, step in STEPS:
+        body += step
+        bodies.append(body)
     rows: list[dict[str, Any]] = []
     previous = None
-    for (name, _), usec in zip(STEPS, (statistics.median(v) for v in found), strict=True):
+    for (name, _), usec in zip(STEPS, _timed(bodies, rounds, calls), strict=True):
         rows.append({"step": name, "usec": usec,
                      "added": None if previous is None else usec - previous})
         previous = usec
     return rows
+
+
+def alternatives(rounds: int = 5, calls: int = 2000) -> list[dict[str, Any]]:
+    """Rows of {design, usec, over_nothing}: each way of ALTERNATIVES, less
+    a script that does nothing, measured in the same rounds."""
+    found = _timed(["", *(body for _, body in ALTERNATIVES)], rounds, calls)
+    return [{"design": name, "usec": usec, "over_nothing": usec - found[0]}
+            for (name, _), usec in zip(ALTERNATIVES, found[1:], strict=True)]
+
+
+def alternatives_md(rows: list[dict[str, Any]]) -> str:
+    built = rows[0]["over_nothing"]
+    return "\n".join(f"| {r['design']} | {r['usec']:.1f} | {r['over_nothing']:.1f} | "
+                     f"{r['over_nothing'] / built:.2f}x |" for r in rows)
 
 
 def rows_md(rows: list[dict[str, Any]]) -> str:
@@ -106,4 +149,4 @@ def rows_md(rows: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(), indent=1))
+    print(json.dumps({"steps": measure(), "alternatives": alternatives()}, indent=1))
