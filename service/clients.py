@@ -31,8 +31,8 @@ from typing import Any
 from service import auth, keys, layout, limits, plans, policy, scripts
 from service.backup import primaries, redis_now_ms, write_records
 from service.backup_files import sync_dir
-from service.backup_format import BackupInfo, SessionRecord
-from service.backup_read import iter_backup, verify_backup
+from service.backup_format import BackupError, BackupInfo, SessionRecord
+from service.backup_read import read_verified, verify_backup
 from service.backup_sign import sidecar
 from service.settings import Settings
 from service.store import Call, RedisClient, Store
@@ -279,6 +279,14 @@ class Rewritten:
     path: Path
     removed: int  # the client's sessions taken out
     kept: int
+    note: str = ""  # why a file was left as it is, when not for holding nothing of the client
+
+
+# A backup being written (its temporary file, backup_files.temp_name) that
+# has not grown for this long is taken for one whose writer died.
+WRITING_IDLE_S = 30.0
+# How long a purge waits for backups being written to finish.
+BACKUP_WAIT_S = 600.0
 
 
 def backup_files(directory: Path) -> Iterator[Path]:
@@ -287,35 +295,55 @@ def backup_files(directory: Path) -> Iterator[Path]:
     yield from sorted(p for p in Path(directory).glob("*.jsonl.gz") if p.is_file())
 
 
+def backups_being_written(directory: Path) -> list[Path]:
+    """Temporary files of backups that are being written there now."""
+    found = []
+    for tmp in Path(directory).glob(".*.jsonl.gz.tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime < WRITING_IDLE_S:
+                found.append(tmp)
+    return found
+
+
 def rewrite_backup(
-    path: Path, chash: str, *, key: bytes, allow_unsigned: bool = False
+    path: Path, chash: str, *, key: bytes, allow_unsigned: bool = False,
+    begun_before: int | None = None,
 ) -> Rewritten:
     """The file again without the client's sessions, signed anew with `key`:
     a temporary file, then its signature, then the rename (write_records).
     The file must verify first (BackupError if not: signing it would vouch
-    for what nobody checked); a legacy unsigned file only with
-    allow_unsigned, and its .sha256 goes once it is signed. A file without
-    the client's sessions is left as it is."""
-    info: BackupInfo = verify_backup(path, key=key, allow_unsigned=allow_unsigned)
+    for what nobody checked), and what is rewritten is read back through
+    read_verified, so a file swapped or changed after its check is refused
+    rather than signed. A legacy unsigned file only with allow_unsigned, and
+    its .sha256 goes once it is signed. Left as it is: a file without the
+    client's sessions, one begun at or after `begun_before` (Redis ms: a
+    backup that started after the purge holds nothing of the purged client),
+    and one gone (rotation removed it meanwhile)."""
+    try:
+        info: BackupInfo = verify_backup(path, key=key, allow_unsigned=allow_unsigned)
+    except BackupError:
+        if not path.exists():
+            return Rewritten(path, 0, 0, "gone: removed by rotation while the purge ran")
+        raise
+    if begun_before is not None and info.created_ms >= begun_before:
+        return Rewritten(path, 0, info.sessions, "begun after the purge")
     prefix = f"{chash}."
-    removed = 0
-    header: dict[str, Any] = {}
-    for head, rec in iter_backup(path):
-        header = head
-        if rec is not None and rec.session_id.startswith(prefix):
-            removed += 1
+    removed = sum(
+        1 for _, rec in read_verified(info)
+        if rec is not None and rec.session_id.startswith(prefix)
+    )
     if not removed:
         return Rewritten(path, 0, info.sessions)
 
     def kept() -> Iterator[SessionRecord]:
-        for _, rec in iter_backup(path):
+        # read_verified raises after the last line if the bytes changed while
+        # read: write_records then removes its temporary file, renames nothing.
+        for _, rec in read_verified(info):
             if rec is not None and not rec.session_id.startswith(prefix):
                 yield rec
 
-    token = header.get("token")
     written = write_records(
-        kept(), path, key=key, created_ms=int(header["created_ms"]),
-        token=token if isinstance(token, int) else None,
+        kept(), path, key=key, created_ms=info.created_ms, token=info.token,
     )
     legacy = sidecar(path)
     if legacy.exists():
@@ -325,13 +353,42 @@ def rewrite_backup(
 
 
 def rewrite_backups(
-    directory: Path, client_id: str, *, key: bytes, allow_unsigned: bool = False
-) -> list[Rewritten]:
+    directory: Path, client_id: str, *, key: bytes, allow_unsigned: bool = False,
+    purged_ms: int | None = None, wait_s: float = BACKUP_WAIT_S,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[Rewritten]:
+    """rewrite_backup of every backup file in `directory`, one at a time,
+    until none is left that may hold the client. A backup the scheduler was
+    writing while the purge ran may have read the client's sessions before
+    they went: so files that appear meanwhile are rewritten too (unless begun
+    after `purged_ms`, Redis' clock when the purge had removed everything),
+    and while a backup is being written there this waits for it, up to
+    wait_s (then BackupError: run the purge again once it is done)."""
     chash = keys.client_hash(client_id)
-    return [
-        rewrite_backup(p, chash, key=key, allow_unsigned=allow_unsigned)
-        for p in backup_files(directory)
-    ]
+    seen: set[Path] = set()
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        fresh = [p for p in backup_files(directory) if p not in seen]
+        for path in fresh:
+            seen.add(path)
+            if progress is not None:
+                progress(f"backup {path.name} ...")
+            yield rewrite_backup(path, chash, key=key, allow_unsigned=allow_unsigned,
+                                 begun_before=purged_ms)
+        if fresh:
+            continue
+        writing = backups_being_written(directory)
+        if not writing:
+            return
+        if time.monotonic() > deadline:
+            raise BackupError(
+                f"{directory}: a backup is still being written ({writing[0].name}) after "
+                f"{wait_s:.0f} s; run the purge again once it is done")
+        if progress is not None and not told:
+            progress(f"waiting for a backup being written ({writing[0].name}) ...")
+            told = True
+        time.sleep(0.2)
 
 
 def redis_holds_client(client: RedisClient, client_id: str) -> bool:

@@ -30,7 +30,7 @@ from service.handlers import COMMANDS, Command, lookup
 from service.handlers.base import Ctx, Plan
 from service.metrics import INVALID, SUCCESS, UNKNOWN, front_metrics
 from service.models import CLIENT_ID_PATTERN
-from service.plans import Limits, PlanCache
+from service.plans import CEILINGS, Limits, PlanCache
 from service.policy import Policy, PolicyCache
 from service.protocol import DecodeError, ReplyTo, decode, encode_error, encode_success, validate
 from service.settings import Settings
@@ -49,7 +49,7 @@ class _Pending:
     command: Command
     plan: Plan
     client_id: str | None
-    bound: int  # its reply's largest size (by its client's limits)
+    bound: int  # its reply's largest size (reply_bounds)
     body: bytes  # kept for a second plan once the session's owner is known
     identity: str | None
     peer: str
@@ -65,6 +65,21 @@ class _Refused(DecodeError):
     def __init__(self, error: StuiError, reply_to: ReplyTo, command: str) -> None:
         super().__init__(error, reply_to)
         self.command = command
+
+
+def reply_bounds(settings: Settings) -> dict[str, int]:
+    """The most bytes each command's reply can take, what a batch budgets
+    for it before Redis is asked. Not by the client's plan: a client's data
+    may have been written under another plan (more sessions, a larger state
+    cap) than the one it has now, so sessions and checkpoints are counted up
+    to the largest any plan may set (plans.CEILINGS), and state by the
+    service's own cap, which no plan can raise (plans.Limits.of)."""
+    sized = settings.model_copy(update={
+        "max_sessions_per_client": max(settings.max_sessions_per_client,
+                                       int(CEILINGS["max_sessions_per_client"])),
+        "max_checkpoints": max(settings.max_checkpoints, int(CEILINGS["max_checkpoints"])),
+    })
+    return {c.name: c.reply_bound(sized) for c in COMMANDS.values()}
 
 
 class Dispatcher:
@@ -99,10 +114,7 @@ class Dispatcher:
             self.metrics.checkpoint_event if self.metrics is not None else None
         )
         self.stats = StatsCache(settings.stats_max_age)
-        # Reply bounds per Limits (by identity), and by what they depend on
-        # (Command.reply_bound): a few of each.
-        self._bounds_by: dict[Limits, dict[str, int]] = {}
-        self._bounds: dict[tuple[int, int, int, int], dict[str, int]] = {}
+        self.reply_bounds = reply_bounds(settings)
 
     def handle(
         self,
@@ -261,31 +273,6 @@ class Dispatcher:
             return self.plans.for_owner(keys.chash_of_session(session_id))
         return self.plans.defaults, ""
 
-    def _bounds_of(self, limits: Limits) -> dict[str, int]:
-        known = self._bounds_by.get(limits)
-        if known is not None:
-            return known
-        if len(self._bounds_by) > 256:  # Limits of tables replaced since
-            self._bounds_by.clear()
-        known = self._bounds_by[limits] = self._sized_bounds(limits)
-        return known
-
-    def _sized_bounds(self, limits: Limits) -> dict[str, int]:
-        s, base = limits.settings, self.settings
-        # Counts by the larger of the plan's and the service's: sessions and
-        # checkpoints made before a plan lowered its cap are still listed.
-        sessions = max(s.max_sessions_per_client, base.max_sessions_per_client)
-        checkpoints = max(s.max_checkpoints, base.max_checkpoints)
-        key = (s.max_state_bytes, s.client_info_cap, sessions, checkpoints)
-        found = self._bounds.get(key)
-        if found is None:
-            sized = s.model_copy(
-                update={"max_sessions_per_client": sessions, "max_checkpoints": checkpoints}
-            )
-            found = {c.name: c.reply_bound(sized) for c in COMMANDS.values()}
-            self._bounds[key] = found
-        return found
-
     def _plan(
         self, body: bytes, identity: str | None, peer: str, policy: Policy | None
     ) -> tuple[Command, Plan, ReplyTo, str | None, int]:
@@ -338,7 +325,7 @@ class Dispatcher:
                 stats=self.stats,
                 checkpoint_event=self._checkpoint_event,
             )
-            bound = self._bounds_of(limits)[command.name]
+            bound = self.reply_bounds[command.name]
             return command, command.handler(validated, ctx), reply_to, client_id, bound
         except StuiError as exc:
             raise _Refused(exc, reply_to, label) from None

@@ -24,6 +24,7 @@ round trips, once per owner and front process.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,9 +55,14 @@ LIMITS: dict[str, float] = {
     "max_checkpoint_bytes": 1024,
 }
 FLOATS = frozenset({"rate_limit"})
-# Above these, a plan's value is held to the ceiling: the protocol's timeout
-# bound, and the checkpoint count the reply bounds are sized for.
-CEILINGS: dict[str, float] = {"max_timeout": models.MAX_TIMEOUT, "max_checkpoints": 1000}
+# A plan's value may not exceed these: the protocol's timeout bound, and the
+# session and checkpoint counts that the front's reply bounds are sized for
+# (service/dispatch.py), whatever plan wrote a client's data.
+CEILINGS: dict[str, float] = {
+    "max_timeout": models.MAX_TIMEOUT,
+    "max_sessions_per_client": 1000,
+    "max_checkpoints": 1000,
+}
 
 
 def check_name(name: str) -> str:
@@ -71,9 +77,16 @@ def check_limits(limits: Mapping[str, Any]) -> dict[str, int | float]:
     for name, value in limits.items():
         if name not in LIMITS:
             raise ValueError(f"unknown limit {name!r} (one of {', '.join(LIMITS)})")
-        number = float(value) if name in FLOATS else value
-        if isinstance(number, bool) or not isinstance(number, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"{name} must be a number")
+        try:
+            number = float(value) if name in FLOATS else value
+        except ValueError:
+            raise ValueError(f"{name} must be a number") from None
+        if not isinstance(number, int | float):
+            raise ValueError(f"{name} must be a number")
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number")
         if name not in FLOATS and not isinstance(number, int):
             raise ValueError(f"{name} must be a whole number")
         if number < LIMITS[name]:
@@ -122,12 +135,12 @@ class PlanTable:
         """Exact, else the longest matching prefix, else None. An assignment
         to a plan that is gone counts as none."""
         name = self.exact.get(client_id)
-        if name is None:
-            best = -1
+        if name not in self.plans:  # none, or a plan removed under it (a race, a hand edit)
+            name, best = None, -1
             for prefix, plan in self.prefixes.items():
-                if len(prefix) > best and client_id.startswith(prefix):
+                if len(prefix) > best and client_id.startswith(prefix) and plan in self.plans:
                     best, name = len(prefix), plan
-        return name if name in self.plans else None
+        return name
 
 
 class PlanCache:
@@ -150,9 +163,11 @@ class PlanCache:
             for cid, name in table.exact.items()
             if name in limits
         }
-        # Swapped whole: a request reads one consistent table.
-        self.state = (table, limits, by_hash, "\t".join(sorted(table.prefixes)))
-        self._by_id: dict[str, Limits] = {}  # resolved ids, for this table only
+        # Swapped whole, the memo of resolved ids with it: a request reads one
+        # consistent table, and what it resolves lands in that table's memo
+        # (never in a newer table's, where it would outlive the change).
+        by_id: dict[str, Limits] = {}
+        self.state = (table, limits, by_hash, "\t".join(sorted(table.prefixes)), by_id)
 
     @property
     def table(self) -> PlanTable:
@@ -172,22 +187,22 @@ class PlanCache:
             return
 
     def for_client(self, client_id: str) -> Limits:
-        table, limits, _, _ = self.state
+        table, limits, _, _, by_id = self.state
         if not limits:
             return self.defaults  # no plans: nothing to look up
-        found = self._by_id.get(client_id)
+        found = by_id.get(client_id)
         if found is None:
             name = table.plan_for(client_id)  # a loop over the prefixes: once per id
             found = self.defaults if name is None else limits[name]
-            if len(self._by_id) >= self.LEARNED_MAX:
-                self._by_id.clear()
-            self._by_id[client_id] = found
+            if len(by_id) >= self.LEARNED_MAX:
+                by_id.clear()
+            by_id[client_id] = found
         return found
 
     def for_owner(self, chash: str) -> tuple[Limits, str]:
         """The limits of a session's owner known by its hash, and the
         prefixes the script must check ('' when none need checking)."""
-        _, _, by_hash, prefixes = self.state
+        _, _, by_hash, prefixes, _ = self.state
         found = by_hash.get(chash)
         if found is not None:
             return found, ""
@@ -277,10 +292,10 @@ def assign(client: RedisClient, client_id: str, plan: str, *, prefix: bool = Fal
 
 
 def unassign(client: RedisClient, client_id: str, *, prefix: bool = False) -> bool:
-    pipe = client.pipeline(transaction=True)
-    pipe.hdel(keys.plan_prefix_key() if prefix else keys.plan_exact_key(), client_id)
-    _bump(pipe)
-    removed, _ = pipe.execute()
+    """False, and nothing changed (no version bump), when it was not assigned."""
+    removed = client.hdel(keys.plan_prefix_key() if prefix else keys.plan_exact_key(), client_id)
+    if removed:
+        client.incr(keys.plan_version_key())
     return bool(removed)
 
 

@@ -320,8 +320,12 @@ local function load_meta(...)
   local got = redis.call('HMGET', KEYS[1], 'm', 'q', ...)
   local m
   if got[1] then m = unpack_meta(got[1]) else m = legacy_meta() end
-  if not m then return nil end
-  if (ARGV[1] ~= '' and m.c ~= ARGV[1]) or m.xe <= now then return nil end
+  if not m or (ARGV[1] ~= '' and m.c ~= ARGV[1]) or m.xe <= now then
+    -- Gone or another's: the deferred limit refuses it as it would have
+    -- refused it up front (the answer takes no token either way).
+    if plan_prefixes then return nil, rate_take(deferred_rate[1], deferred_rate[2]) end
+    return nil
+  end
   if plan_prefixes then
     local owner = m.c or ''
     for p in string.gmatch(plan_prefixes, '[^\t]+') do

@@ -194,6 +194,12 @@ class Settings(BaseSettings):
         return self.max_request_bytes + TRANSPORT_SLACK
 
     @property
+    def timeout_given(self) -> int:
+        """The timeout of a create_session that names none: default_timeout,
+        held to max_timeout (which a plan may set lower)."""
+        return min(self.default_timeout, self.max_timeout)
+
+    @property
     def client_info_cap(self) -> int:
         """client_info counts toward max_state_bytes, so it can never exceed it."""
         return min(self.max_client_info_bytes, self.max_state_bytes)

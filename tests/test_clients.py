@@ -6,6 +6,7 @@ another client's sessions come back intact from the rewritten backups."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import redis
 import zmq
 
 from service import auth, clients, keys, plans, policy
-from service.backup import verify_backup
+from service.backup import verify_backup, write_records
 from service.backup_read import iter_backup
 from service.settings import Settings
 from service.store import RedisClient, redis_for
@@ -284,3 +285,59 @@ def test_purge_asks_first(redis_server: EmbeddedRedis, front: FrontProcess) -> N
                          capture_output=True, text=True, timeout=60)
     assert yes.returncode == 0, yes.stderr
     assert json.loads(yes.stdout)["redis"]["sessions"] == 1
+
+
+def test_purge_waits_for_a_backup_being_written_and_rewrites_it(
+    redis_server: EmbeddedRedis, front: FrontProcess, tmp_path: Path
+) -> None:
+    """A backup the scheduler began before the purge may hold the client's
+    sessions and land in the directory after the purge listed it: the purge
+    waits while a backup is being written there, then rewrites what
+    appeared. A file begun after the purge is left as it is (it can hold
+    nothing of the purged client), and a file rotation removed meanwhile is
+    no error."""
+    with Client(front.endpoint, timeout=5, retries=0) as c:
+        seed(c, GONE, sessions=2)
+        kept = seed(c, KEPT, sessions=2)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    flags = ["--redis-url", redis_server.url]
+    first = backups / "a.jsonl.gz"
+    assert cli("backup", *flags, "--output", str(first)).returncode == 0
+    # The late backup: the client's sessions, read before the purge.
+    held = tmp_path / "m.jsonl.gz"
+    assert cli("backup", *flags, "--output", str(held)).returncode == 0
+    # One begun "after the purge": a clock far ahead of Redis'.
+    records = [rec for _, rec in iter_backup(first) if rec is not None]
+    future = backups / "z.jsonl.gz"
+    write_records(iter(records), future, key=TEST_KEY, created_ms=2**42, token=None)
+    # A backup being written: its temporary file, fresh.
+    writing = backups / ".m.jsonl.gz.tmp-1-abcd"
+    writing.write_bytes(b"")
+    inode = first.stat().st_ino
+
+    def scheduler() -> None:
+        # Once the purge has rewritten the first file, the late backup lands.
+        wait_for(lambda: first.stat().st_ino != inode, 60)
+        os.replace(held.with_name(held.name + ".hmac"), backups / (held.name + ".hmac"))
+        os.replace(held, backups / held.name)
+        writing.unlink()
+
+    thread = threading.Thread(target=scheduler, daemon=True)
+    thread.start()
+    done = cli("clients", "purge", GONE, "--yes", "--backups", str(backups), *flags)
+    thread.join(10)
+    assert done.returncode == 0, done.stderr
+    assert "waiting for a backup being written" in done.stderr
+    files = {b["file"]: b for b in json.loads(done.stdout)["backups"]}
+    assert files["a.jsonl.gz"]["removed"] == 2 and files["m.jsonl.gz"]["removed"] == 2
+    assert files["z.jsonl.gz"]["removed"] == 0
+    assert files["z.jsonl.gz"]["note"] == "begun after the purge"
+    for name in ("a.jsonl.gz", "m.jsonl.gz"):
+        path = backups / name
+        assert verify_backup(path, key=TEST_KEY).authenticated
+        assert {r.session_id for _, r in iter_backup(path) if r is not None} == set(kept)
+
+    gone = clients.rewrite_backup(backups / "rotated.jsonl.gz", keys.client_hash(GONE),
+                                  key=TEST_KEY)
+    assert gone.removed == 0 and gone.note.startswith("gone")

@@ -46,8 +46,8 @@ def error_of(call: Callable[[], Any]) -> tuple[str, dict[str, Any]]:
 def test_exact_beats_the_longest_prefix_which_beats_the_defaults() -> None:
     table = plans.PlanTable(
         plans={"a": {}, "b": {}, "c": {}},
-        exact={"team-lead-boss": "c"},
-        prefixes={"team-": "a", "team-lead-": "b", "gone-": "missing"},
+        exact={"team-lead-boss": "c", "team-x2": "missing"},
+        prefixes={"team-": "a", "team-lead-": "b", "gone-": "missing", "team-lead-g": "missing"},
     )
     assert table.plan_for("team-x") == "a"
     assert table.plan_for("team-lead-x") == "b"
@@ -55,6 +55,9 @@ def test_exact_beats_the_longest_prefix_which_beats_the_defaults() -> None:
     assert table.plan_for("other") is None
     assert table.plan_for("gone-1") is None  # assigned to a plan that is gone: none
     assert table.plan_for("team") is None
+    # An assignment to a plan that is gone counts as none: the next one applies.
+    assert table.plan_for("team-x2") == "a"
+    assert table.plan_for("team-lead-gx") == "b"
 
 
 def test_limits_are_checked() -> None:
@@ -66,6 +69,11 @@ def test_limits_are_checked() -> None:
         ({"max_state_bytes": 1.5}, "whole number"),
         ({"max_timeout": 2_592_001}, "at most"),
         ({"history_limit": True}, "a number"),
+        # float('nan') < 0 is false: without the check a NaN rate would
+        # switch the plan's rate limit off in the scripts.
+        ({"rate_limit": "nan"}, "finite"),
+        ({"rate_limit": float("inf")}, "finite"),
+        ({"rate_limit": [1]}, "a number"),
     ]
     for bad, why in cases:
         with pytest.raises(ValueError, match=why):
@@ -265,3 +273,34 @@ def test_a_restore_honours_each_clients_plan(
     plans.assign(redis_client, "team-", "tiny", prefix=True)
     result = restore.restore_backup(redis_client, path, key=TEST_KEY)
     assert (result.restored, result.over_limit) == (4, 2)  # team-a: 1 of 3; other: 3
+
+
+def test_an_unknown_session_is_rate_limited_alike_with_prefix_plans(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    """With prefix assignments the front defers a session-only request's rate
+    limit to the script (it must learn the owner first). A session that is
+    gone is still refused by an empty bucket, as without prefixes."""
+    settings = Settings(redis_url=redis_server.url, rate_limit=0.001, rate_burst=2)
+    store = Store(connect(redis_server.url, 10.0))
+
+    def answer(d: Dispatcher, sid: str) -> str:
+        (raw,) = d.handle([json.dumps({"command": "get_session_info",
+                                       "parameters": {"session_id": sid}}).encode()])
+        reply = json.loads(raw)
+        return str(reply.get("error_type", reply["status"]))
+
+    for with_prefixes in (False, True):
+        redis_client.flushall()
+        cache = plans.PlanCache(redis_client, settings)
+        if with_prefixes:
+            plans.set_plan(redis_client, "p", {"rate_limit": 5})
+            plans.assign(redis_client, "team-", "p", prefix=True)
+            cache.refresh()
+            assert cache.for_owner("0" * 16)[1] == "team-"  # deferred: prefixes sent
+        d = Dispatcher(settings, store, plans=cache)
+        (made,) = run(d, [("create_session", {"client_id": "solo"})])
+        sid = made["session_id"]
+        run(d, [("get_session_info", {"session_id": sid})])  # the second token
+        gone = sid[:-4] + ("AAAA" if not sid.endswith("AAAA") else "BBBB")
+        assert answer(d, gone) == "RateLimited", with_prefixes

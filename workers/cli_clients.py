@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service import audit, clients, keys, models
+from service import audit, clients, models
+from service.backup import primaries, redis_now_ms
 from service.backup_format import BackupError
 from service.backup_key import BackupKeyError, require_key
 from service.store import RedisClient
@@ -107,25 +108,32 @@ def cmd_purge(args: argparse.Namespace) -> int:
             done = clients.purge(client, args.client_id, keep_key=args.keep_key, settle=settle)
         except clients.PurgeIncomplete as exc:
             print(f"error: {exc}", file=sys.stderr)
+            audit.purged(args.client_id, {"incomplete": str(exc)})
             return EXIT_REDIS
         report: dict[str, Any] = {"redis": done.to_json()}
         if args.backups is not None and key is not None:
+            # Redis' clock once nothing of the client is left there: a backup
+            # begun after it holds nothing of the client.
+            purged_ms = redis_now_ms(primaries(client)[0])
             rewritten: list[dict[str, Any]] = []
-            for path in clients.backup_files(args.backups):
-                print(f"  backup {path.name} ...", file=sys.stderr)
-                try:
-                    r = clients.rewrite_backup(
-                        path, keys.client_hash(args.client_id), key=key,
-                        allow_unsigned=args.allow_unsigned,
-                    )
-                except BackupError as exc:
-                    print(f"error: {path}: {exc}; the files before it are rewritten",
-                          file=sys.stderr)
-                    audit.purged(args.client_id, {**report, "backups": rewritten,
-                                                  "failed_backup": path.name})
-                    return EXIT_BAD_FILE
-                rewritten.append({"file": path.name, "removed": r.removed, "kept": r.kept})
             report["backups"] = rewritten
+            try:
+                for r in clients.rewrite_backups(
+                    args.backups, args.client_id, key=key, allow_unsigned=args.allow_unsigned,
+                    purged_ms=purged_ms, progress=lambda line: print(f"  {line}", file=sys.stderr),
+                ):
+                    entry: dict[str, Any] = {"file": r.path.name, "removed": r.removed,
+                                             "kept": r.kept}
+                    if r.note:
+                        entry["note"] = r.note
+                    rewritten.append(entry)
+            except (BackupError, OSError) as exc:
+                # Redis is purged either way: say so, and which files are done.
+                print(f"error: {exc}; Redis holds nothing of the client, the backup files "
+                      "listed in the audit line are rewritten, run the purge again for the "
+                      "others", file=sys.stderr)
+                audit.purged(args.client_id, {**report, "failed_backup": str(exc)[:300]})
+                return EXIT_BAD_FILE
         audit.purged(args.client_id, report)
         print(json.dumps({"client_id": args.client_id, **report}, indent=2))
         return 0

@@ -30,7 +30,7 @@ from service.store import Call
 def create_session(p: models.CreateSession, ctx: Ctx) -> Plan:
     s = ctx.settings
     # A plan may lower the largest timeout below the default: then that is it.
-    timeout = p.timeout if p.timeout is not None else min(s.default_timeout, s.max_timeout)
+    timeout = p.timeout if p.timeout is not None else s.timeout_given
     if timeout > s.max_timeout:
         raise InvalidRequest(
             f"timeout above this client's largest, {s.max_timeout} s",
@@ -245,7 +245,7 @@ def get_session_statistics(p: models.NoParams, ctx: Ctx) -> Plan:
             "total_sessions": figures.sessions,
             "active_clients": figures.clients,
             "max_sessions_per_client": s.max_sessions_per_client,
-            "default_timeout": s.default_timeout,
+            "default_timeout": s.timeout_given,
             "cleanup_interval": s.cleanup_interval,
             "history_limit": s.history_limit,
             "replay_window": s.replay_window,

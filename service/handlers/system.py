@@ -45,7 +45,7 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                 },
                 "limits": {
                     "max_sessions_per_client": s.max_sessions_per_client,
-                    "default_timeout": s.default_timeout,
+                    "default_timeout": s.timeout_given,
                     "min_timeout": models.MIN_TIMEOUT,
                     "max_timeout": s.max_timeout,
                     "history_limit": s.history_limit,
