@@ -105,7 +105,7 @@ def show(client: RedisClient, settings: Settings, client_id: str) -> ClientView:
     index = {_raw(f): _raw(v) for f, v in client.hgetall(keys.client_index_key(chash)).items()}
     now = redis_now_ms(primaries(client)[0])
     entries = {
-        f: layout.parse_entry(v)
+        layout.session_of_field(f, chash): layout.parse_entry(v)
         for f, v in index.items()
         if layout.is_session_entry(f)
     }
@@ -116,7 +116,7 @@ def show(client: RedisClient, settings: Settings, client_id: str) -> ClientView:
     )
     pipe = client.pipeline(transaction=False)
     for f, _ in live:
-        pipe.hmget(keys.session_key(_text(f)), [layout.META_FIELD, layout.CHECKPOINT_HEADS])
+        pipe.hmget(keys.session_key(f), [layout.META_FIELD, layout.CHECKPOINT_HEADS])
     sessions = []
     for (f, e), (packed, heads) in zip(live, pipe.execute() if live else [], strict=True):
         size = None
@@ -126,7 +126,7 @@ def show(client: RedisClient, settings: Settings, client_id: str) -> ClientView:
             size = limits.session_cost(m.sb, m.context_bytes, m.cb, entries_n)
         sessions.append(
             SessionView(
-                session_id=_text(f),
+                session_id=f,
                 created_ms=e.created,
                 last_modified_ms=e.modified,
                 expires_ms=e.expires,
@@ -180,7 +180,7 @@ def _scan_sessions(client: RedisClient, chash: str) -> set[str]:
             found.add(_text(key).rsplit(":", 1)[1])
     for f in client.hkeys(keys.client_index_key(chash)):
         if layout.is_session_entry(f):
-            found.add(_text(f))
+            found.add(layout.session_of_field(_raw(f), chash))
     expiry = keys.bucket_expiry_key(keys.bucket_of(chash))
     for member, _ in client.zscan_iter(expiry, match=f"{prefix}*", count=1000):
         found.add(_text(member))

@@ -83,24 +83,30 @@ def housekeep(
     return pruned
 
 
-def _split(entries: dict[bytes, bytes], now: int) -> tuple[list[bytes], dict[bytes, int]]:
-    """(dead session ids, {live session id: expiry})."""
+def _chash_of_index(index_key: bytes) -> str:
+    return index_key.decode().rsplit(":", 1)[1]
+
+
+def _split(
+    entries: dict[bytes, bytes], now: int, chash: str
+) -> tuple[list[bytes], dict[bytes, tuple[str, int]]]:
+    """(dead entries' fields, {live entry's field: (session id, expiry)})."""
     dead, live = [], {}
-    for sid, packed in entries.items():
-        if not layout.is_session_entry(sid):
+    for f, packed in entries.items():
+        if not layout.is_session_entry(f):
             continue  # the index's own fields (rate buckets, replay records)
         exp = int(packed.split(b"|", 1)[0])
         if exp <= now:
-            dead.append(sid)
+            dead.append(f)
         else:
-            live[sid] = exp
+            live[f] = (layout.session_of_field(f, chash), exp)
     return dead, live
 
 
-def _gone(node: redis.Redis, sids: Sequence[bytes]) -> set[bytes]:
+def _gone(node: redis.Redis, sids: Sequence[str]) -> set[str]:
     pipe = node.pipeline(transaction=False)
     for sid in sids:
-        pipe.exists(keys.session_key(sid.decode()))
+        pipe.exists(keys.session_key(sid))
     return {sid for sid, n in zip(sids, pipe.execute(), strict=True) if not n}
 
 
@@ -114,13 +120,13 @@ def _prune_indexes(
         pipe.hgetall(key)
     now = redis_now_ms(node)
     suspects: list[bytes] = []
-    live_all: list[bytes] = []
+    live_all: list[str] = []
     owners: list[bytes] = []
     for key, entries in zip(batch, pipe.execute(), strict=True):
-        dead, live = _split(entries, now)
+        dead, live = _split(entries, now, _chash_of_index(key))
         if dead:
             suspects.append(key)
-        live_all += live
+        live_all += [sid for sid, _ in live.values()]
         owners += [key] * len(live)
     gone = _gone(node, live_all)
     suspects += [k for k, sid in zip(owners, live_all, strict=True) if sid in gone]
@@ -131,7 +137,7 @@ def _prune_indexes(
 
 
 def _repair(node: redis.Redis, index_key: bytes, pruned: Pruned) -> None:
-    chash = index_key.decode().rsplit(":", 1)[1]
+    chash = _chash_of_index(index_key)
     bucket = keys.bucket_of(chash)
     exp_key, clients_key = keys.bucket_expiry_key(bucket), keys.bucket_clients_key(bucket)
     with node.pipeline(transaction=True) as pipe:
@@ -139,17 +145,18 @@ def _repair(node: redis.Redis, index_key: bytes, pruned: Pruned) -> None:
             pipe.watch(index_key)  # type: ignore[no-untyped-call]
             now = redis_now_ms(node)
             entries: dict[bytes, bytes] = pipe.hgetall(index_key)  # type: ignore[assignment]
-            dead, live = _split(entries, now)
-            orphans = _gone(node, list(live))
-            for sid in orphans:
-                del live[sid]
+            dead, live = _split(entries, now, chash)
+            orphans = _gone(node, [sid for sid, _ in live.values()])
+            orphan_fields = [f for f, (sid, _) in live.items() if sid in orphans]
+            for f in orphan_fields:
+                del live[f]
             pipe.multi()
-            if dead or orphans:
-                pipe.hdel(index_key, *dead, *orphans)
+            if dead or orphan_fields:
+                pipe.hdel(index_key, *dead, *orphan_fields)
             if orphans:
                 pipe.zrem(exp_key, *orphans)
             # The client's score, with the key's slack, as the scripts keep it.
-            latest = max(live.values(), default=0)
+            latest = max((exp for _, exp in live.values()), default=0)
             if live:
                 pipe.zadd(clients_key, {chash: latest + layout.EXPIRY_SLACK_MS})
             else:

@@ -124,13 +124,18 @@ def curve_clients_key() -> str:
     return f"{PREFIX}:{{auth}}:curve"
 
 
-def replay_id(scope: str, parameters: bytes) -> str:
-    """ARGV[2] of a script that keeps a replay record: 'digest:fingerprint',
-    16 hex each. The digest names the request (`scope`: command, target,
-    request id, requester), so no client-chosen text reaches Redis; the
-    fingerprint is of the canonical parameters."""
-    digest = hashlib.blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    return f"{digest}:{hashlib.blake2b(parameters, digest_size=8).hexdigest()}"
+REPLAY_ID_BYTES = 16  # an 8-byte digest, then an 8-byte fingerprint
+
+
+def replay_id(scope: str, parameters: bytes) -> bytes:
+    """ARGV[2] of a script that keeps a replay record: the 8-byte digest,
+    then the 8-byte fingerprint, binary (half the bytes of hex in every
+    record the client index and the session hash keep). The digest names
+    the request (`scope`: command, target, request id, requester), so no
+    client-chosen text reaches Redis; the fingerprint is of the canonical
+    parameters."""
+    digest = hashlib.blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return digest + hashlib.blake2b(parameters, digest_size=8).digest()
 
 
 def session_keys(session_id: str) -> list[str]:

@@ -51,15 +51,19 @@ e:*), then their values (pack_snapshot, parse_snapshot). Checkpoints do not
 count toward max_state_bytes; they have caps of their own (max_checkpoints,
 max_checkpoint_bytes, counted in snapshot bytes).
 
-A client index hash (keys.client_index_key) holds, per session id, the entry
+A client index hash (keys.client_index_key) holds, per session, the entry
 `xe|ke-xe|ca|lm-ca|to|v|a` (what list_client_sessions answers, short enough
-that a small index stays a listpack), and fields that start with `!`, which
-no session id does:
+that a small index stays a listpack) under the session id's random part
+(index_field: every session of the index shares the client hash that the id
+starts with, so it is left out; a session the previous release wrote keeps
+its full id there until its next write), and fields that start with `!`,
+which no session id does:
 
     !r          the client's rate-limit buckets: 'g,gt,c,ct'
     !x          when the index key expires (ms)
     !c          the client's score in its bucket's clients zset (ms)
-    !q<digest>  replay record of a create_session or close_session
+    !q<digest>  replay record of a create_session or close_session (the
+                digest binary, keys.replay_id)
 
 The previous release stored the metadata as separate fields (LEGACY_META):
 scripts read such a session as it is and rewrite it in this layout at its
@@ -71,6 +75,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from typing import ClassVar
+
+from service.keys import CLIENT_HASH_LEN
 
 META = ("xe", "ke", "v", "lm", "ca", "to", "a", "sn", "sb", "sd", "cb", "rn", "ob", "en", "eo",
         "hb", "wb", "ib")
@@ -162,6 +168,20 @@ def parse_entry(packed: bytes) -> IndexEntry:
         return IndexEntry(xe, ca, ca + since, to, v, a)
     exp, ca, lm, to, v, a = p
     return IndexEntry(exp, ca, lm, to, v, a)
+
+
+def index_field(session_id: str) -> bytes:
+    """A session's field in its client index: its id after the client
+    hash and the dot."""
+    return session_id[CLIENT_HASH_LEN + 1:].encode("ascii")
+
+
+def session_of_field(field: bytes | str, chash: str) -> str:
+    """The session id of a client index field (is_session_entry): this
+    release's short field, or the full id under which the previous release
+    kept it."""
+    text = field.decode("ascii") if isinstance(field, bytes) else field
+    return text if "." in text else f"{chash}.{text}"
 
 
 def is_session_entry(field: bytes | str) -> bool:

@@ -16,9 +16,10 @@ Session-scoped scripts share one calling convention:
     KEYS[3] bucket expiry zset          rate-limit buckets and the replay
     KEYS[4] bucket clients zset         records of create and close)
     ARGV[1] client id the request names ('' = any)
-    ARGV[2] replay record id 'digest:fingerprint' (16 hex each; '' = no
-            replay protection): digest names the request (command, target,
-            request id, requester), the fingerprint its parameters
+    ARGV[2] replay record id: 16 bytes, binary ('' = no replay
+            protection): an 8-byte digest naming the request (command,
+            target, request id, requester), then an 8-byte fingerprint of
+            its parameters (keys.replay_id)
     ARGV[3] replay window (ms)
     ARGV[4] session id          ARGV[5] client hash
     ARGV[6] rate-limit spec 'rate,burst,create_rate,create_burst,is_create' ('' = off)
@@ -66,6 +67,9 @@ class Script:
 
 _PRELUDE = r"""
 local sid, chash = ARGV[4], ARGV[5]
+-- The session's field in the client index: its id without the client hash
+-- that every field there shares (layout.index_field).
+local ient = string.sub(sid, #chash + 2)
 local OVERHEAD = __ENTRY_OVERHEAD__  -- service.limits.ENTRY_OVERHEAD
 local SLACK = __SLACK__              -- service.layout.EXPIRY_SLACK_MS
 local REPLAY_MAX = __REPLAY_MAX__    -- service.layout.REPLAY_MAX
@@ -216,16 +220,21 @@ local function rate_take(bucket, spec)
   return nil
 end
 
--- Replay records: 'digest:fingerprint:at:part2,part3,...', the reply's
--- parts after its status (a part that is the request's own time is left
--- out: it is at), valid until at + the window. A session keeps those of its
--- mutating requests in its field q (';'-separated, newest first, REPLAY_MAX
--- at most); create and close keep theirs in the index, each short enough
--- (64 bytes at most) for the index to stay a listpack.
+-- Replay records: the 8-byte fingerprint, then 'at:part2,part3,...', the
+-- reply's parts after its status (a part that is the request's own time is
+-- left out: it is at), valid until at + the window. A session keeps those
+-- of its mutating requests in its field q, each behind its 8-byte digest
+-- (';'-separated, newest first, REPLAY_MAX at most); create and close keep
+-- theirs in the index under '!q' and the digest, each short enough (64
+-- bytes at most) for the index to stay a listpack. Digest and fingerprint
+-- are binary, so they may hold any byte (';' too): a record is read by
+-- position, never split on a separator inside its first 16 (or 8) bytes.
+-- Binary goes through '..', never string.format('%s'), which stops at a
+-- zero byte.
 local function replay_parse(rec, fp)
-  local got, at, parts = string.match(rec, '^(%x+):(%d+):(.*)$')
-  if not got or tonumber(at) + tonumber(ARGV[3]) <= now then return nil end
-  if got ~= fp then return {'REUSED'} end
+  local at, parts = string.match(rec, '^(%d+):(.*)$', 9)
+  if not at or tonumber(at) + tonumber(ARGV[3]) <= now then return nil end
+  if string.sub(rec, 1, 8) ~= fp then return {'REUSED'} end
   local out = {'OK', at = at}
   for p in string.gmatch(parts, '[^,]+') do out[#out + 1] = p end
   return out
@@ -233,14 +242,15 @@ end
 
 local function replay_lookup(q)
   if ARGV[2] == '' or not q then return nil end
-  local digest = string.sub(ARGV[2], 1, 17)  -- 'digest:'
-  local s = string.find(q, digest, 1, true)
-  while s and s > 1 and string.sub(q, s - 1, s - 1) ~= ';' do
-    s = string.find(q, digest, s + 1, true)
+  local digest, s = string.sub(ARGV[2], 1, 8), 1
+  while true do
+    local e = string.find(q, ';', s + 16, true)
+    if string.sub(q, s, s + 7) == digest then
+      return replay_parse(string.sub(q, s + 8, (e or 0) - 1), string.sub(ARGV[2], 9))
+    end
+    if not e then return nil end
+    s = e + 1
   end
-  if not s then return nil end
-  local e = string.find(q, ';', s, true)
-  return replay_parse(string.sub(q, s + 17, (e or 0) - 1), string.sub(ARGV[2], 18))
 end
 
 -- Integers through '%d' (see pack_meta), anything else as it is.
@@ -259,14 +269,15 @@ end
 -- others, and q starts afresh; otherwise the oldest give way by count (an
 -- expired record kept behind a live one is never answered: replay_parse).
 local function replay_add(q, reply, n)
-  local head = string.format('%s:%d:%s', ARGV[2], now, replay_parts(reply, n))
+  local head = ARGV[2] .. str(now) .. ':' .. replay_parts(reply, n)
   if not q then return head end
-  local at = tonumber(string.match(q, '^%x+:%x+:(%d+):'))
+  local at = tonumber(string.match(q, '^(%d+):', 17))
   if not at or at + tonumber(ARGV[3]) <= now then return head end
-  local e = 0
+  local e, s = nil, 1
   for _ = 2, REPLAY_MAX do
-    e = string.find(q, ';', e + 1, true)
+    e = string.find(q, ';', s + 16, true)
     if not e then return head .. ';' .. q end
+    s = e + 1
   end
   return head .. ';' .. string.sub(q, 1, e - 1)
 end
@@ -274,11 +285,11 @@ end
 -- The index-held record of a create or close: field '!q<digest>'.
 local function index_replay_field()
   if ARGV[2] == '' then return nil end
-  return '!q' .. string.sub(ARGV[2], 1, 16)
+  return '!q' .. string.sub(ARGV[2], 1, 8)
 end
 
 local function index_replay_save(f, reply, n)
-  idx_set(f, string.format('%s:%d:%s', string.sub(ARGV[2], 18), now, replay_parts(reply, n)))
+  idx_set(f, string.sub(ARGV[2], 9) .. str(now) .. ':' .. replay_parts(reply, n))
   idx_need(now + tonumber(ARGV[3]))
 end
 
@@ -383,6 +394,13 @@ local function index_entry(m)
   return string.format('%d|%d|%d|%d|%d|%d|%d', m.xe, m.ke - m.xe, m.ca, m.lm - m.ca, m.to, m.v, m.a)
 end
 
+-- The session's index entry, under its short field; a session the previous
+-- release wrote had it under its full id, which goes.
+local function index_entry_set(m)
+  idx_set(ient, index_entry(m))
+  if m.legacy then redis.call('HDEL', KEYS[2], sid) end
+end
+
 -- Sliding expiry, second half (after session_write): the index scores are
 -- exact (statistics count by them), the key's TTL moves when refresh said.
 local function index_write(m, moved, idx)
@@ -392,13 +410,14 @@ local function index_write(m, moved, idx)
     redis.call('ZADD', KEYS[4], 'GT', str(m.xe), chash)
     idx_set('!c', m.xe)
   end
-  idx_set(sid, index_entry(m))
+  index_entry_set(m)
   idx_need(m.ke)
 end
 
 -- After a session is gone: prune dead index entries and recompute the
 -- client's latest expiry, which decides whether it counts as active.
--- `skip`: a session id to leave out (the one just deleted).
+-- `skip`: true to leave out this script's session (the one just deleted),
+-- under its field or, written by the previous release, its full id.
 local function client_refresh(skip)
   local entries = redis.call('HGETALL', KEYS[2])
   local latest, live, dead = 0, 0, {}
@@ -406,7 +425,7 @@ local function client_refresh(skip)
     local f = entries[i]
     if string.byte(f, 1) ~= 33 then  -- '!': not a session
       local exp = entry_expiry(entries[i + 1])
-      if f == skip or exp <= now then
+      if (skip and (f == ient or f == sid)) or exp <= now then
         dead[#dead + 1] = f
       else
         live = live + 1
@@ -652,7 +671,7 @@ for i = 1, #entries, 2 do
   if string.byte(f, 1) == 33 then  -- '!': the index's own fields
     idx[f] = v
     if string.sub(f, 1, 2) == '!q' and f ~= qf then
-      local at = tonumber(string.match(v, '^%x*:(%d+):'))
+      local at = tonumber(string.match(v, '^(%d+):', 9))
       if not at or at + window <= now then dead[#dead + 1] = f end
     end
   elseif entry_expiry(v) <= now then dead[#dead + 1] = f
@@ -662,7 +681,7 @@ local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
 local to = tonumber(ARGV[7])
 if qf and idx[qf] then
-  local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
+  local r = replay_parse(idx[qf], string.sub(ARGV[2], 9))
   if r and r[1] == 'REUSED' then return r end
   -- The record keeps the id's random part and the time; the rest follows.
   if r then return {'OK', chash .. '.' .. r[2], tonumber(r.at), tonumber(r.at) + to * 1000} end
@@ -875,7 +894,7 @@ local idx = index_read(qf)
 local limited = rate_take(idx['!r'], ARGV[6])
 if limited then return limited end
 if qf and idx[qf] then
-  local r = replay_parse(idx[qf], string.sub(ARGV[2], 18))
+  local r = replay_parse(idx[qf], string.sub(ARGV[2], 9))
   if r then return r end
 end
 local m, early = load_meta()
@@ -884,12 +903,12 @@ local saved = 0
 if ARGV[7] == '1' then
   m.a = 0
   session_write(m, {})
-  idx_set(sid, index_entry(m))
+  index_entry_set(m)
   saved = 1
 else
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[3], sid)
-  client_refresh(sid)
+  client_refresh(true)
 end
 local reply = {'OK', saved}
 if qf then index_replay_save(qf, reply, 2) end
@@ -1303,7 +1322,9 @@ if stored and ARGV[8] ~= '1' and stored >= m.v then return {'NEWER', stored} end
 m.xe = math.min(exp, now + m.to * 1000)
 m.ke = m.xe
 sets[2] = pack_meta(m)
-local entry = redis.call('HGET', KEYS[2], sid)
+-- This release's field, or the previous release's (the full id).
+local held_entry = redis.call('HMGET', KEYS[2], ient, sid)
+local entry = held_entry[1] or held_entry[2]
 if not (stored and entry and entry_expiry(entry) > now) then
   -- A session new to the client: it must fit under the client's limit.
   local live = 0
@@ -1327,7 +1348,8 @@ chunked('HDEL', KEYS[1], extra)
 redis.call('PEXPIREAT', KEYS[1], str(m.ke))
 redis.call('ZADD', KEYS[3], str(m.ke), sid)
 local idx = index_read()
-redis.call('HSET', KEYS[2], sid, index_entry(m))
+redis.call('HSET', KEYS[2], ient, index_entry(m))
+if held_entry[2] then redis.call('HDEL', KEYS[2], sid) end
 idx_need(m.ke)
 -- Recomputed rather than ZADD GT: a forced restore may move an expiry earlier.
 client_refresh(nil)

@@ -503,7 +503,7 @@ def test_housekeeping_prunes_what_ttls_left(
     figures = global_figures(redis_client)
     assert (figures.sessions, figures.clients) == (1, 1)
     index = redis_client.hgetall(keys.client_index_key(keys.client_hash("hk")))
-    assert [f for f in index if layout.is_session_entry(f)] == [live["session_id"].encode()]
+    assert [f for f in index if layout.is_session_entry(f)] == [layout.index_field(live["session_id"])]
     assert all(s["session_id"].encode() not in index for s in short)
     assert housekeep(redis_client, [redis_client]) == Pruned()
 

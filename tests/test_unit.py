@@ -99,12 +99,14 @@ def test_key_formats_are_pinned() -> None:
         keys.bucket_expiry_key(47),
         keys.bucket_clients_key(47),
     ]
-    # A replay record's id: two 16-hex digests, of the request and of its parameters.
+    # A replay record's id: two 8-byte digests, of the request and of its parameters.
     rid = keys.replay_id("update\0sid\0\"r-1\"\0addr:127.0.0.1", b'["update",{}]')
-    digest, fp = rid.split(":")
-    assert len(digest) == len(fp) == 16 and int(digest, 16) >= 0 and int(fp, 16) >= 0
-    assert keys.replay_id("other", b'["update",{}]').split(":")[1] == fp
-    assert keys.replay_id("other", b'["update",{}]').split(":")[0] != digest
+    assert isinstance(rid, bytes) and len(rid) == keys.REPLAY_ID_BYTES == 16
+    digest, fp = rid[:8], rid[8:]
+    assert keys.replay_id("other", b'["update",{}]')[8:] == fp
+    assert keys.replay_id("other", b'["update",{}]')[:8] != digest
+    other_params = keys.replay_id("update\0sid\0\"r-1\"\0addr:127.0.0.1", b'["update",{"a":1}]')
+    assert other_params[:8] == digest and other_params[8:] != fp
 
 
 def test_hostile_client_ids_cannot_reach_key_names() -> None:

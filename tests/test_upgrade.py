@@ -140,12 +140,24 @@ def test_sessions_of_the_previous_release_are_read_then_converted(
     assert (meta.c, meta.v, meta.to, meta.sn, meta.rn, meta.en, meta.eo) == (
         "up", 5, 600, 18, 1, 1, 1)
     assert meta.cb == len(json.dumps(info, separators=(",", ":")))
+    # Its index entry moved from its full id to this release's short field;
+    # the session not written yet keeps the previous release's.
+    index = redis_client.hgetall(keys.client_index_key(keys.client_hash("up")))
+    assert layout.index_field(sid) in index and sid.encode() not in index
+    assert other.encode() in index and layout.index_field(other) not in index
     restored = ok(dispatcher, "restore_session", session_id=sid)
     assert restored["session_state"]["k16"] == 16 and restored["session_state"]["a"] == 1
     assert restored["object_registry"] == {"o1": {"class": "Point"}}
     assert restored["evaluation_history"] == [{"code": "3 + 4", "result": "7"}]
     assert ok(dispatcher, "list_client_sessions", client_id="up")["session_count"] == 2
+    # Each session counts once toward the limit (5), whichever field it is under.
+    extra = [ok(dispatcher, "create_session", client_id="up")["session_id"] for _ in range(3)]
+    assert ask(dispatcher, "create_session", client_id="up")["error_type"] == "SessionLimitExceeded"
+    for new_sid in extra:
+        assert ok(dispatcher, "close_session", session_id=new_sid)["closed"] is True
     assert ok(dispatcher, "close_session", session_id=other)["closed"] is True
+    index = redis_client.hgetall(keys.client_index_key(keys.client_hash("up")))
+    assert [f for f in index if layout.is_session_entry(f)] == [layout.index_field(sid)]
     assert ok(dispatcher, "get_session_statistics")["total_sessions"] == 1
 
 

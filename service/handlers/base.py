@@ -122,15 +122,15 @@ def check(raw: Any, settings: Settings) -> list[Any]:
     raise InternalError()
 
 
-def replay_id(ctx: Ctx, target: str) -> str:
-    """ARGV[2] of a mutating script: '' (no replay protection) for a request
+def replay_id(ctx: Ctx, target: str) -> bytes:
+    """ARGV[2] of a mutating script: b'' (no replay protection) for a request
     without an id, else the record's id (keys.replay_id) for this command on
     this target with this request id, from this requester. A request id that
     another requester used first (another CURVE identity, or with CURVE off
     another network address) never answers for this one: it runs as a new
     request."""
     if ctx.request_id is None:
-        return ""
+        return b""
     try:
         canonical = codec.dumps_sorted([ctx.command, ctx.params])
     except codec.JSONError:
@@ -141,7 +141,7 @@ def replay_id(ctx: Ctx, target: str) -> str:
     return keys.replay_id(scope, canonical)
 
 
-def script_args(ctx: Ctx, client_id: str, rid: str, session_id: str, chash: str,
+def script_args(ctx: Ctx, client_id: str, rid: bytes, session_id: str, chash: str,
                 rate_spec: str) -> list[Arg]:
     """ARGV[1..6], the convention every session script shares (service/scripts.py)."""
     return [client_id, rid, ctx.settings.replay_window * 1000, session_id, chash, rate_spec]
@@ -160,7 +160,7 @@ def session_call(
     if client_id is not None and keys.client_hash(client_id) != chash:
         # Another client's session: invisible, and no reason to ask Redis.
         raise SessionNotFound()
-    rid = replay_id(ctx, session_id) if replay else ""
+    rid = replay_id(ctx, session_id) if replay else b""
     args = script_args(ctx, client_id or "", rid, session_id, chash, ctx.rate_spec)
     args += extra
     return Call(script, keys.session_keys(session_id), args)
@@ -170,7 +170,7 @@ def client_call(ctx: Ctx, script: Any, chash: str) -> Call:
     """A call of a client-scoped script (RATE, LIST): KEYS[1] and KEYS[2] the
     client index, as the prelude expects."""
     index = keys.client_index_key(chash)
-    return Call(script, [index, index], script_args(ctx, "", "", "", chash, ctx.rate_spec))
+    return Call(script, [index, index], script_args(ctx, "", b"", "", chash, ctx.rate_spec))
 
 
 def rate_limited(ctx: Ctx, client_id: str | None, plan: Plan) -> Plan:

@@ -206,16 +206,17 @@ def close_session(p: models.CloseSession, ctx: Ctx) -> Plan:
 
 
 def list_client_sessions(p: models.ListClientSessions, ctx: Ctx) -> Plan:
-    call = client_call(ctx, scripts.LIST, keys.client_hash(p.client_id))
+    chash = keys.client_hash(p.client_id)
+    call = client_call(ctx, scripts.LIST, chash)
 
     def finish(raw: list[Any]) -> Result:
         r = check(raw[0], ctx.settings)
         now = int(r[1])
         rows = []
-        for sid, packed in zip(r[2::2], r[3::2], strict=True):
+        for f, packed in zip(r[2::2], r[3::2], strict=True):
             e = layout.parse_entry(packed)
-            rows.append((e.created, text(sid), e.expires, e.modified, e.timeout, e.version,
-                         e.active))
+            rows.append((e.created, layout.session_of_field(f, chash), e.expires, e.modified,
+                         e.timeout, e.version, e.active))
         rows.sort()
         sessions = [
             {
