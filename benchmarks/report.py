@@ -150,7 +150,10 @@ client index) and update (in the session hash) too. The "of which" rows split
 it by kind of key (`MEMORY USAGE`). Redis keeps a hash in the compact
 listpack encoding while every value is at most `hash-max-listpack-value`
 bytes; the embedded Redis sets 2048 (docs/operations.md, "Redis"), so a
-session hash with a 1 KB state value is a listpack.
+session hash with a 1 KB state value is a listpack. A client index keeps
+each session's entry under the id's random part and its replay records
+with binary ids (docs/architecture.md), so that five sessions and their
+create records fit a 768-byte listpack.
 
 | | value |
 |---|---:|
