@@ -503,8 +503,9 @@ def test_housekeeping_prunes_what_ttls_left(
     figures = global_figures(redis_client)
     assert (figures.sessions, figures.clients) == (1, 1)
     index = redis_client.hgetall(keys.client_index_key(keys.client_hash("hk")))
-    assert [f for f in index if layout.is_session_entry(f)] == [layout.index_field(live["session_id"])]
-    assert all(s["session_id"].encode() not in index for s in short)
+    entries = [f for f in index if layout.is_session_entry(f)]
+    assert entries == [layout.index_field(live["session_id"])]
+    assert all(layout.index_field(s["session_id"]) not in index for s in short)
     assert housekeep(redis_client, [redis_client]) == Pruned()
 
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import redis
 import zmq
 
-from service import auth, clients, keys, plans, policy
+from service import auth, clients, keys, layout, plans, policy
 from service.backup import verify_backup, write_records
 from service.backup_read import iter_backup
 from service.settings import Settings
@@ -108,9 +108,12 @@ def contents(masters: list[redis.Redis]) -> Iterator[tuple[bytes, bytes]]:
                 yield bytes(key), bytes(element)
 
 
-def traces(masters: list[redis.Redis], client_id: str) -> list[tuple[bytes, bytes]]:
-    """Keys and elements that name the client or its hash."""
-    marks = (client_id.encode(), keys.client_hash(client_id).encode())
+def traces(masters: list[redis.Redis], client_id: str,
+           sessions: Sequence[str] = ()) -> list[tuple[bytes, bytes]]:
+    """Keys and elements that name the client, its hash or one of its
+    sessions' random parts (which the client index keeps alone)."""
+    marks = (client_id.encode(), keys.client_hash(client_id).encode(),
+             *(layout.index_field(sid) for sid in sessions))
     return [(k, e) for k, e in contents(masters)
             if any(m in k or m in e for m in marks)]
 
@@ -169,6 +172,8 @@ def test_purge_leaves_nothing_and_backups_keep_the_others(
         plans.assign(r, GONE, "gold")
         plans.assign(r, "gone-", "gold", prefix=True)  # a prefix is not the client's
     assert traces(topology.masters, GONE)  # the scan can see the client
+    fields = [e for _, e in traces(topology.masters, GONE, gone)]
+    assert all(layout.index_field(sid) in fields for sid in gone)  # and its index fields
     backups = tmp_path / "backups"
     backups.mkdir()
     for name in ("a", "b"):
@@ -189,7 +194,7 @@ def test_purge_leaves_nothing_and_backups_keep_the_others(
     assert '"event": "purged"' in done.stderr and f'"client_id": "{GONE}"' in done.stderr
 
     # Nothing of it in Redis: no key, no field, no member, no value.
-    assert traces(topology.masters, GONE) == []
+    assert traces(topology.masters, GONE, gone) == []
     with topology.client() as r:
         assert GONE not in policy.read_policy(r).deny  # the purge's own rule went too
         assert plans.read_table(r).prefixes == {"gone-": "gold"}
@@ -222,7 +227,7 @@ def test_purge_leaves_nothing_and_backups_keep_the_others(
     assert restored.returncode == 0, restored.stderr
     with Client(topo_front.endpoint, timeout=5, retries=0) as c:
         assert {sid: whole(c, sid) for sid in kept} == before
-    assert traces(topology.masters, GONE) == []
+    assert traces(topology.masters, GONE, gone) == []
 
     # Twice is safe: nothing left to remove, backups left as they are.
     again = cli("clients", "purge", GONE, "--yes", "--backups", str(backups), *topology.flags,

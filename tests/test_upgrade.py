@@ -23,6 +23,7 @@ import redis
 from service import backup, keys, layout, restore
 from service.backup_read import verify_backup
 from service.dispatch import Dispatcher
+from service.housekeeping import housekeep
 from service.settings import Settings
 from service.store import Store, connect
 from tests.previous_release import scripts as old
@@ -188,3 +189,22 @@ def test_a_backup_of_the_previous_release_restores_into_this_layout(
     assert restore.restore_backup(redis_client, again, key=KEY).restored == 1
     assert ok(dispatcher, "restore_session", session_id=sid)["session_state"] == state
     assert ok(dispatcher, "list_client_sessions", client_id="bk")["session_count"] == 1
+
+
+def test_housekeeping_reads_the_previous_release_index_entries(
+    dispatcher: Dispatcher, redis_client: redis.Redis
+) -> None:
+    """An index the previous release wrote keeps each session under its full
+    id: housekeeping finds an orphan there (its hash gone, as an eviction
+    would leave it) and leaves the live one, under either form."""
+    prev = PreviousRelease(redis_client)
+    kept, orphan, moved = (prev.create("hk-up", 600) for _ in range(3))
+    ok(dispatcher, "update_session_state", session_id=moved, state_data={"a": 1})
+    redis_client.delete(keys.session_key(orphan))
+    pruned = housekeep(redis_client, [redis_client])
+    assert pruned.orphans == 1
+    index = redis_client.hgetall(keys.client_index_key(keys.client_hash("hk-up")))
+    assert sorted(f for f in index if layout.is_session_entry(f)) == sorted(
+        [kept.encode(), layout.index_field(moved)])
+    listing = ok(dispatcher, "list_client_sessions", client_id="hk-up")
+    assert sorted(s["session_id"] for s in listing["sessions"]) == sorted([kept, moved])
