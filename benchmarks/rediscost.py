@@ -101,9 +101,11 @@ def _as_library(prelude: str) -> str:
     lib = lib.replace("local t = redis.call('TIME')\n"
                       "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)", "")
     lib = lib.replace("local idx_sets, idx_until = {}, 0", "")
+    lib = lib.replace("local ient = string.sub(sid, #chash + 2)", "local ient")
     return ("#!lua name=stui_rediscost\n" + lib + """
 redis.register_function('noop', function(keys, args)
   KEYS, ARGV, sid, chash = keys, args, args[4], args[5]
+  ient = string.sub(sid, #chash + 2)
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   idx_sets, idx_until = {}, 0
