@@ -9,7 +9,8 @@ session command needs is known from the session id alone.
 Layout (b = two-digit bucket, h = 16-hex client hash):
 
     stui:{b<b>}:s:<session_id>   hash    one session: metadata, state, context
-    stui:{b<b>}:c:<h>            hash    a client's sessions: id -> packed metadata;
+    stui:{b<b>}:c:<h>            hash    a client's sessions: the id's random part ->
+                                         packed entry (layout.index_field);
                                          its rate-limit buckets; replay records
                                          of create and close (service/layout.py)
     stui:{b<b>}:exp              zset    the bucket's sessions, scored by expiry (ms)

@@ -643,6 +643,10 @@ def _prelude_for(body: str) -> str:
     return "\n\n".join(reversed(kept)) + "\n\n"
 
 
+# replay_add keeps the newest record and REPLAY_MAX - 1 older ones.
+assert layout.REPLAY_MAX >= 2, "replay_add needs room for one older record"
+
+
 def _script(name: str, body: str) -> Script:
     prelude = (
         _prelude_for(body).replace("__ENTRY_OVERHEAD__", str(limits.ENTRY_OVERHEAD))
@@ -939,8 +943,9 @@ LIST = _script(
 -- list_client_sessions (no refresh).
 -- KEYS[1], KEYS[2]: the client index hash (twice: the prelude's convention).
 -- ARGV[5] client hash, ARGV[6] rate-limit spec ('' = off), the others ''.
--- Returns {'OK', now_ms, session_id, entry (layout.IndexEntry), ...}
---   | {'RATELIMITED', ms}.
+-- Returns {'OK', now_ms, index field, entry (layout.IndexEntry), ...}
+--   | {'RATELIMITED', ms}: each field the session id's random part, or the
+--   full id under which the previous release kept it (layout.session_of_field).
 local entries = redis.call('HGETALL', KEYS[2])
 local idx, out, dead = {}, {'OK', now}, {}
 for i = 1, #entries, 2 do

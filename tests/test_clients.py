@@ -25,7 +25,7 @@ from service.settings import Settings
 from service.store import RedisClient, redis_for
 from tests.conftest import FrontProcess
 from tests.helpers import wait_for
-from tests.test_backup import TEST_KEY, cli
+from tests.test_backup import KEY_ENV, TEST_KEY, cli
 from tests.test_checkpoints import CONTEXT, STATE
 from workers.client import Client, RemoteError
 from workers.launchers.cluster import LocalCluster
@@ -319,22 +319,39 @@ def test_purge_waits_for_a_backup_being_written_and_rewrites_it(
     # A backup being written: its temporary file, fresh.
     writing = backups / ".m.jsonl.gz.tmp-1-abcd"
     writing.write_bytes(b"")
-    inode = first.stat().st_ino
 
-    def scheduler() -> None:
-        # Once the purge has rewritten the first file, the late backup lands.
-        wait_for(lambda: first.stat().st_ino != inode, 60)
-        os.replace(held.with_name(held.name + ".hmac"), backups / (held.name + ".hmac"))
-        os.replace(held, backups / held.name)
-        writing.unlink()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
+    lines: list[str] = []
+    waiting = threading.Event()
 
-    thread = threading.Thread(target=scheduler, daemon=True)
-    thread.start()
-    done = cli("clients", "purge", GONE, "--yes", "--backups", str(backups), *flags)
-    thread.join(10)
-    assert done.returncode == 0, done.stderr
-    assert "waiting for a backup being written" in done.stderr
-    files = {b["file"]: b for b in json.loads(done.stdout)["backups"]}
+    def read_progress(stream: Any) -> None:
+        for line in stream:
+            lines.append(line)
+            if "waiting for a backup being written" in line:
+                waiting.set()
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "clients", "purge", GONE, "--yes",
+         "--backups", str(backups), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**base, **KEY_ENV},
+    ) as purge:
+        assert purge.stdout is not None and purge.stderr is not None
+        reader = threading.Thread(target=read_progress, args=(purge.stderr,), daemon=True)
+        reader.start()
+        try:
+            # The purge has rewritten what it found and waits for the backup
+            # in progress; only then does that backup land (whatever the timing).
+            assert waiting.wait(60), "".join(lines)
+            os.replace(held.with_name(held.name + ".hmac"), backups / (held.name + ".hmac"))
+            os.replace(held, backups / held.name)
+            writing.unlink()
+            out = purge.stdout.read()
+            assert purge.wait(120) == 0, "".join(lines)
+        finally:
+            if purge.poll() is None:
+                purge.kill()
+        reader.join(10)
+    files = {b["file"]: b for b in json.loads(out)["backups"]}
     assert files["a.jsonl.gz"]["removed"] == 2 and files["m.jsonl.gz"]["removed"] == 2
     assert files["z.jsonl.gz"]["removed"] == 0
     assert files["z.jsonl.gz"]["note"] == "begun after the purge"
