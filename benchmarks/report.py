@@ -424,11 +424,9 @@ def _why(run: Run) -> str:
             "1,024-byte size below it), the client index a listpack too; what grows with "
             f"the session count is the bucket sorted sets: {zsets:,.0f} B per session here, "
             "where each of the 64 buckets holds more than `zset-max-listpack-entries` (128) "
-            "members and Redis keeps it as a skiplist (a member costs its 39-byte session "
-            "id, a skiplist node and a dictionary entry). Below 8,000 sessions the buckets "
-            "are listpacks and the figure is about 1,750 B (the quick run's). A listpack "
-            "bucket at scale would make every refresh and every count linear in the bucket; "
-            "shorter members (a binary session id) would save about 16 B.")
+            "members and Redis keeps it as a skiplist (a member costs its 22-byte name, the "
+            "session id's random part, a skiplist node and a dictionary entry). A listpack "
+            "bucket at scale would make every refresh and every count linear in the bucket.")
     for t in run.targets:
         if t.met or not t.name.startswith(("Redis time", "Redis calls")):
             continue

@@ -171,7 +171,9 @@ class Purged:
 
 def _scan_sessions(client: RedisClient, chash: str) -> set[str]:
     """Every session id of the client that Redis holds: its session hashes,
-    its index entries, its expiry zset members."""
+    its index entries, and the expiry zset members the previous release
+    named by full id (this release's members are the ids' random parts,
+    which only the two others lead to; PURGE_CLIENT removes both names)."""
     found: set[str] = set()
     prefix = f"{chash}."
     pattern = keys.client_sessions_scan_pattern(chash)

@@ -153,8 +153,8 @@ def _repair(node: redis.Redis, index_key: bytes, pruned: Pruned) -> None:
             pipe.multi()
             if dead or orphan_fields:
                 pipe.hdel(index_key, *dead, *orphan_fields)
-            if orphans:
-                pipe.zrem(exp_key, *orphans)
+            if orphans:  # expiry members: the short name, or the previous release's full id
+                pipe.zrem(exp_key, *orphans, *(layout.index_field(sid) for sid in orphans))
             # The client's score, with the key's slack, as the scripts keep it.
             latest = max((exp for _, exp in live.values()), default=0)
             if live:

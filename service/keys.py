@@ -13,7 +13,8 @@ Layout (b = two-digit bucket, h = 16-hex client hash):
                                          packed entry (layout.index_field);
                                          its rate-limit buckets; replay records
                                          of create and close (service/layout.py)
-    stui:{b<b>}:exp              zset    the bucket's sessions, scored by expiry (ms)
+    stui:{b<b>}:exp              zset    the bucket's sessions (the id's random part,
+                                         layout.index_field), scored by expiry (ms)
     stui:{b<b>}:clients          zset    the bucket's clients, scored by latest expiry
 
 The previous release also kept stui:{b<b>}:r:<digest> (replay records) and

@@ -394,18 +394,23 @@ local function index_entry(m)
   return string.format('%d|%d|%d|%d|%d|%d|%d', m.xe, m.ke - m.xe, m.ca, m.lm - m.ca, m.to, m.v, m.a)
 end
 
--- The session's index entry, under its short field; a session the previous
--- release wrote had it under its full id, which goes.
+-- The session's index entry, under its short field. A session the
+-- previous release wrote had its entry and its expiry member under its
+-- full id: both move to the short name (never counted twice).
 local function index_entry_set(m)
   idx_set(ient, index_entry(m))
-  if m.legacy then redis.call('HDEL', KEYS[2], sid) end
+  if m.legacy then
+    redis.call('HDEL', KEYS[2], sid)
+    redis.call('ZREM', KEYS[3], sid)
+    redis.call('ZADD', KEYS[3], str(m.xe), ient)
+  end
 end
 
 -- Sliding expiry, second half (after session_write): the index scores are
 -- exact (statistics count by them), the key's TTL moves when refresh said.
 local function index_write(m, moved, idx)
   if moved then redis.call('PEXPIREAT', KEYS[1], str(moved)) end
-  redis.call('ZADD', KEYS[3], str(m.xe), sid)
+  redis.call('ZADD', KEYS[3], str(m.xe), ient)
   if m.xe > (tonumber(idx['!c']) or 0) then
     redis.call('ZADD', KEYS[4], 'GT', str(m.xe), chash)
     idx_set('!c', m.xe)
@@ -911,7 +916,7 @@ if ARGV[7] == '1' then
   saved = 1
 else
   redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[3], sid)
+  redis.call('ZREM', KEYS[3], ient, sid)  -- sid: as the previous release named it
   client_refresh(true)
 end
 local reply = {'OK', saved}
@@ -1351,7 +1356,8 @@ if present then
 end
 chunked('HDEL', KEYS[1], extra)
 redis.call('PEXPIREAT', KEYS[1], str(m.ke))
-redis.call('ZADD', KEYS[3], str(m.ke), sid)
+redis.call('ZADD', KEYS[3], str(m.ke), ient)
+redis.call('ZREM', KEYS[3], sid)  -- as the previous release named it
 local idx = index_read()
 redis.call('HSET', KEYS[2], ient, index_entry(m))
 if held_entry[2] then redis.call('HDEL', KEYS[2], sid) end
@@ -1527,9 +1533,15 @@ PURGE_CLIENT = Script(
 local sessions = 0
 for i = 5, #KEYS do sessions = sessions + redis.call('DEL', KEYS[i]) end
 local index = redis.call('DEL', KEYS[1]) + redis.call('DEL', KEYS[4])
+-- Each session's expiry member: its id's random part (layout.index_field),
+-- or the full id (the previous release's).
+local names = {}
+for i = 2, #ARGV do
+  names[#names + 1] = ARGV[i]; names[#names + 1] = string.sub(ARGV[i], #ARGV[1] + 2)
+end
 local members = 0
-for s = 2, #ARGV, 1000 do
-  members = members + redis.call('ZREM', KEYS[2], unpack(ARGV, s, math.min(s + 999, #ARGV)))
+for s = 1, #names, 1000 do
+  members = members + redis.call('ZREM', KEYS[2], unpack(names, s, math.min(s + 999, #names)))
 end
 return {sessions, index, members, redis.call('ZREM', KEYS[3], ARGV[1])}
 """,

@@ -146,6 +146,11 @@ def test_sessions_of_the_previous_release_are_read_then_converted(
     index = redis_client.hgetall(keys.client_index_key(keys.client_hash("up")))
     assert layout.index_field(sid) in index and sid.encode() not in index
     assert other.encode() in index and layout.index_field(other) not in index
+    # Its bucket's expiry member too: one member per session, whatever its name.
+    members = redis_client.zrange(keys.bucket_expiry_key(keys.bucket_of(keys.client_hash("up"))),
+                                  0, -1)
+    assert layout.index_field(sid) in members and sid.encode() not in members
+    assert other.encode() in members and layout.index_field(other) not in members
     restored = ok(dispatcher, "restore_session", session_id=sid)
     assert restored["session_state"]["k16"] == 16 and restored["session_state"]["a"] == 1
     assert restored["object_registry"] == {"o1": {"class": "Point"}}
@@ -206,5 +211,9 @@ def test_housekeeping_reads_the_previous_release_index_entries(
     index = redis_client.hgetall(keys.client_index_key(keys.client_hash("hk-up")))
     assert sorted(f for f in index if layout.is_session_entry(f)) == sorted(
         [kept.encode(), layout.index_field(moved)])
+    expiry = keys.bucket_expiry_key(keys.bucket_of(keys.client_hash("hk-up")))
+    assert sorted(redis_client.zrange(expiry, 0, -1)) == sorted(
+        [kept.encode(), layout.index_field(moved)])  # the orphan's member went too
+    assert ok(dispatcher, "get_session_statistics")["total_sessions"] == 2
     listing = ok(dispatcher, "list_client_sessions", client_id="hk-up")
     assert sorted(s["session_id"] for s in listing["sessions"]) == sorted([kept, moved])
