@@ -292,10 +292,16 @@ def assign(client: RedisClient, client_id: str, plan: str, *, prefix: bool = Fal
 
 
 def unassign(client: RedisClient, client_id: str, *, prefix: bool = False) -> bool:
-    """False, and nothing changed (no version bump), when it was not assigned."""
-    removed = client.hdel(keys.plan_prefix_key() if prefix else keys.plan_exact_key(), client_id)
-    if removed:
-        client.incr(keys.plan_version_key())
+    """False, and nothing changed (no version bump), when it was not assigned.
+    The removal and its bump are one transaction, as for every change here:
+    a removal the fronts never hear of would stay out of force."""
+    table_key = keys.plan_prefix_key() if prefix else keys.plan_exact_key()
+    if not client.hexists(table_key, client_id):
+        return False
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(table_key, client_id)
+    _bump(pipe)
+    removed, _ = pipe.execute()
     return bool(removed)
 
 

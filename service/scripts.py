@@ -706,7 +706,7 @@ chunked('HDEL', KEYS[2], dead)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', str(now))
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', str(now))
 index_write(m, moved, idx)
-if qf then index_replay_save(qf, {'OK', string.sub(sid, 18)}, 2) end
+if qf then index_replay_save(qf, {'OK', ient}, 2) end
 idx_flush(idx)
 return {'OK', sid, now, m.xe}
 """,

@@ -513,14 +513,20 @@ def cli(
     *args: str, env: dict[str, str] | None = None, key: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """The command line, given TEST_KEY (STUI_BACKUP_KEY) unless key=False."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**base, **(KEY_ENV if key else {}), **(env or {})},
+        env=cli_env(env, key=key),
     )
+
+
+def cli_env(env: dict[str, str] | None = None, *, key: bool = True) -> dict[str, str]:
+    """The environment of `cli`: this one's without its backup keys, then
+    TEST_KEY unless key=False, then env."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
+    return {**base, **(KEY_ENV if key else {}), **(env or {})}
 
 
 def test_commands_end_to_end(

@@ -25,7 +25,7 @@ from service.settings import Settings
 from service.store import RedisClient, redis_for
 from tests.conftest import FrontProcess
 from tests.helpers import wait_for
-from tests.test_backup import KEY_ENV, TEST_KEY, cli
+from tests.test_backup import TEST_KEY, cli, cli_env
 from tests.test_checkpoints import CONTEXT, STATE
 from workers.client import Client, RemoteError
 from workers.launchers.cluster import LocalCluster
@@ -320,7 +320,6 @@ def test_purge_waits_for_a_backup_being_written_and_rewrites_it(
     writing = backups / ".m.jsonl.gz.tmp-1-abcd"
     writing.write_bytes(b"")
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STUI_BACKUP_KEY")}
     lines: list[str] = []
     waiting = threading.Event()
 
@@ -333,7 +332,7 @@ def test_purge_waits_for_a_backup_being_written_and_rewrites_it(
     with subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "clients", "purge", GONE, "--yes",
          "--backups", str(backups), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**base, **KEY_ENV},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
     ) as purge:
         assert purge.stdout is not None and purge.stderr is not None
         reader = threading.Thread(target=read_progress, args=(purge.stderr,), daemon=True)
