@@ -56,6 +56,9 @@ class _Pending:
     first_call: int = 0
 
 
+# handle_iter's marker: a round trip's calls are at Redis (never modified).
+AT_REDIS: Sequence[tuple[int, bytes]] = ()
+
 _OWNER = b"OWNER"  # a script's answer when the owner's plan must be resolved by id
 
 
@@ -136,10 +139,15 @@ class Dispatcher:
         identities: Sequence[str | None] | None = None,
         outcomes: list[tuple[str, str]] | None = None,
         peers: Sequence[str] | None = None,
-    ) -> Iterator[list[tuple[int, bytes]]]:
+    ) -> Iterator[Sequence[tuple[int, bytes]]]:
         """The replies, as (index, reply) pairs, a list at a time as they are
-        ready: refusals and answers that need no Redis first, then round trip
-        by round trip. A round trip carries calls whose replies may total
+        ready: refusals and answers that need no Redis first (always yielded,
+        if empty: the first step decodes and plans the whole batch and sends
+        nothing), then round trip by round trip. Before each round trip's
+        replies comes AT_REDIS, an empty marker, once its calls are written:
+        until the next step the caller may do work that does not use this
+        dispatcher's store, such as planning the next batch (workers/front.py).
+        A round trip carries calls whose replies may total
         batch_reply_bytes at most (by each command's largest possible reply),
         so what Redis sends back at once, and what this process holds of it,
         stays bounded whatever the sessions hold. With `outcomes`, each
@@ -159,8 +167,7 @@ class Dispatcher:
                 pending.append(planned)
             else:
                 ready.append(planned)
-        if ready:
-            yield ready
+        yield ready
         # Requests whose session owner the front had to learn go round once
         # more, planned with that owner's limits (service/plans.py). Once
         # learned the owner needs no second look, so two rounds are enough.
@@ -195,22 +202,23 @@ class Dispatcher:
     def _round_trips(
         self, pending: list[_Pending], labels: list[tuple[str, str]], again: list[_Pending],
         policy: Policy | None,
-    ) -> Iterator[list[tuple[int, bytes]]]:
+    ) -> Iterator[Sequence[tuple[int, bytes]]]:
         budget, group = self.settings.batch_reply_bytes, list[_Pending]()
         used = 0
         for p in pending:
             if group and used + p.bound > budget:
-                yield self._round_trip(group, labels, again, policy)
+                yield from self._round_trip(group, labels, again, policy)
                 group, used = [], 0
             group.append(p)
             used += p.bound
         if group:
-            yield self._round_trip(group, labels, again, policy)
+            yield from self._round_trip(group, labels, again, policy)
 
     def _round_trip(
         self, group: list[_Pending], labels: list[tuple[str, str]], again: list[_Pending],
         policy: Policy | None,
-    ) -> list[tuple[int, bytes]]:
+    ) -> Iterator[Sequence[tuple[int, bytes]]]:
+        """Yields AT_REDIS once the calls are written, then the replies."""
         calls: list[Call] = []
         refresh = 0
         if any(p.plan.needs_stats for p in group) and not self.stats.fresh():
@@ -220,7 +228,9 @@ class Dispatcher:
             p.first_call = len(calls)
             calls.extend(p.plan.calls)
         try:
-            results = self.store.run(calls)
+            flight = self.store.send(calls)
+            yield AT_REDIS
+            results = flight.results()
         except Exception as exc:  # one batch's failure must not end the worker
             error = exc if isinstance(exc, StuiError) else InternalError()
             if not isinstance(exc, StuiError):
@@ -235,7 +245,8 @@ class Dispatcher:
             for p in group:
                 labels[p.n] = (p.command.name, error.code)
                 failed.append((p.n, encode_error(p.reply_to, error)))
-            return failed
+            yield failed
+            return
         if refresh:
             self.stats.absorb(results[:refresh])
         if self.metrics is not None:
@@ -262,7 +273,7 @@ class Dispatcher:
             reply, labels[p.n] = self._finish(p.reply_to, p.command, p.plan, own, p.client_id)
             del own
             done.append((p.n, reply))
-        return done
+        yield done
 
     def _limits(self, client_id: str | None, session_id: Any) -> tuple[Limits, str]:
         """The request's client's limits, and the prefixes its script must

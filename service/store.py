@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -75,6 +75,45 @@ class Call:
     script: Script
     keys: Sequence[str]
     args: Sequence[Arg]
+
+
+# A batch's trip to Redis as a generator: it pauses (yields) once its calls
+# are written, and returns their results once read. Retries (NOSCRIPT,
+# MOVED) after the first read run without pausing again.
+Steps = Generator[None, None, list[Any]]
+
+
+class Flight:
+    """A batch of calls at Redis (Store.send): written, replies not read.
+
+    Between send() and results() the caller must not use the Store again
+    for another batch: a batch's replies are read in the order it was sent,
+    one batch at a time. A flight dropped unread disconnects its
+    connections (their replies would be read by the next batch)."""
+
+    __slots__ = ("_results", "_steps")
+
+    def __init__(self, steps: Steps) -> None:
+        self._steps = steps
+        self._results: list[Any] | None = None
+        try:
+            next(steps)  # write, up to the pause
+        except StopIteration as done:  # nothing to pause for
+            self._results = done.value
+
+    def results(self) -> list[Any]:
+        """The results in call order, as Store.run returns them (or raises)."""
+        if self._results is None:
+            try:
+                while True:
+                    next(self._steps)
+            except StopIteration as done:
+                self._results = done.value
+        return self._results
+
+    def abandon(self) -> None:
+        """Give the flight up unread; its connections are disconnected."""
+        self._steps.close()
 
 
 def _pack(call: Call) -> bytes:
@@ -151,12 +190,13 @@ def connect_sentinel(settings: Settings) -> redis.Redis:
         url_kwargs = {k: parsed[k] for k in ("db", "username", "password") if k in parsed}
     if password:
         url_kwargs["password"] = password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py types Sentinel from 8.2 on: the ignores are for older releases.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         settings.sentinel_addresses,
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
         **_fail_fast(timeout),
     )
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         settings.redis_master_name, **url_kwargs
     )
     return master
@@ -197,17 +237,28 @@ class Store:
         """Results in call order. A per-call error is returned in place, as an
         exception object (StorageUnavailable for a transient one); losing
         Redis altogether raises StorageUnavailable."""
+        return self.send(calls).results()
+
+    def send(self, calls: Sequence[Call]) -> Flight:
+        """The calls written to Redis, their replies not read yet: the caller
+        may do other work (decode the next batch) while Redis runs them, then
+        reads them with Flight.results(), which returns or raises as run()
+        does. Raises at once when Redis is known to be down (the hold after a
+        failure) or the write itself fails."""
+        return Flight(self._steps(calls))
+
+    def _steps(self, calls: Sequence[Call]) -> Steps:
         if time.monotonic() < self._down_until:
             raise StorageUnavailable()
         try:
             if self._refresh_slots and isinstance(self.client, redis.RedisCluster):
                 self.client.nodes_manager.initialize()
                 self._refresh_slots = False
-            results = self._pipeline(calls)
+            results = yield from self._pipeline(calls)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
                 self.load_scripts()
-                again = self._pipeline([calls[i] for i in missing])
+                again = yield from self._pipeline([calls[i] for i in missing])
                 for i, r in zip(missing, again, strict=True):
                     results[i] = r
         except (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException) as exc:
@@ -229,15 +280,15 @@ class Store:
                 results[i] = StorageUnavailable()
         return results
 
-    def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+    def _pipeline(self, calls: Sequence[Call]) -> Steps:
         if isinstance(self.client, redis.RedisCluster):
-            return self._cluster_pipeline(self.client, calls)
-        outcome = _send([(self.client.connection_pool, calls)], self.wait)[0]
+            return (yield from self._cluster_pipeline(self.client, calls))
+        outcome = (yield from _send([(self.client.connection_pool, calls)], self.wait))[0]
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def _cluster_pipeline(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
+    def _cluster_pipeline(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> Steps:
         """One pipeline per master, each holding the calls whose first key's
         slot it serves (every call's keys share one hash tag, so one slot);
         all are written before any is read.
@@ -245,16 +296,16 @@ class Store:
         read again and those calls are resent once. ASK (a slot half-way
         through a migration) is left as a transient refusal: the map is still
         right, and the client's retry comes after the move."""
-        results = self._send_by_node(cluster, calls)
+        results = yield from self._send_by_node(cluster, calls)
         moved = [i for i, r in enumerate(results) if isinstance(r, MovedError)]
         if moved:
             cluster.nodes_manager.initialize()
-            again = self._send_by_node(cluster, [calls[i] for i in moved])
+            again = yield from self._send_by_node(cluster, [calls[i] for i in moved])
             for i, r in zip(moved, again, strict=True):
                 results[i] = r
         return results
 
-    def _send_by_node(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> list[Any]:
+    def _send_by_node(self, cluster: redis.RedisCluster, calls: Sequence[Call]) -> Steps:
         by_node: dict[str, tuple[Any, list[int]]] = {}
         for i, call in enumerate(calls):
             node = cluster.nodes_manager.get_node_from_slot(_slot(call))
@@ -264,7 +315,7 @@ class Store:
             if node.redis_connection is None:  # a node only just discovered
                 cluster.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]
             groups.append((node.redis_connection.connection_pool, [calls[i] for i in indexes]))
-        outcomes = _send(groups, self.wait)
+        outcomes = yield from _send(groups, self.wait)
         failed = [o for o in outcomes if isinstance(o, Exception)]
         if failed and len(failed) == len(outcomes):
             raise failed[0]  # nothing reachable: the whole batch fails (and holds)
@@ -315,7 +366,7 @@ _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 def _send(
     groups: Sequence[tuple[Any, Sequence[Call]]], wait: Wait | None = None
-) -> list[list[Any] | Exception]:
+) -> Generator[None, None, list[list[Any] | Exception]]:
     """Each (connection pool, calls) group as one pipeline on a connection of
     its pool: every group is written first, then the replies are read, so
     the batch costs one network round trip however many masters it spans.
@@ -324,7 +375,9 @@ def _send(
     commands are packed and replies parsed by hiredis.
     Per group: its replies, or the connection error that cut it off (one
     master down does not fail the other masters' calls).
-    `wait`: a WAIT at the end of each pipeline."""
+    `wait`: a WAIT at the end of each pipeline.
+    A generator (see Flight): it pauses once, between the writes and the
+    reads; closed there, it disconnects what it wrote to."""
     taken: list[tuple[Any, Any]] = []
     sent: list[Any] = []  # per group: its connection, or the error
     try:
@@ -344,6 +397,7 @@ def _send(
             except _CONNECTION_ERRORS as exc:
                 conn.disconnect()
                 sent.append(exc)
+        yield  # everything written: Redis works while the caller does
         outcomes: list[list[Any] | Exception] = []
         for conn, (_, calls) in zip(sent, groups, strict=True):
             if isinstance(conn, Exception):

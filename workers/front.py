@@ -3,13 +3,15 @@
 One thread, one loop: wait for a message, take what is already queued (a
 batch), answer it from as few Redis round trips as its bounds allow, repeat.
 Requests that arrive while a batch is at Redis form the next batch, so many
-requests in flight cost few round trips.
+requests in flight cost few round trips; that next batch is taken and
+decoded while Redis still runs this one, and answered after it.
 
 What one peer can make this process hold is bounded by settings, not by
 what it sends (docs/security.md):
 - inbound: libzmq queues at most peer_recv_queue messages per peer, each at
   most transport_max_bytes (a larger one makes libzmq drop the peer);
-- a batch takes at most batch_max messages and about batch_max_bytes;
+- a batch takes at most batch_max messages and about batch_max_bytes, and
+  at most two batches are held (one at Redis, the next planned meanwhile);
   libzmq reads its peers in turn, one message each, so one peer's queue
   never holds another's first request back by more than a batch;
 - outbound: at most peer_send_queue replies wait for one peer in libzmq,
@@ -29,12 +31,15 @@ import ctypes
 import logging
 import signal
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from types import FrameType
+from typing import cast
 
 import zmq
 
 from service.auth import ClientKeyCache
-from service.dispatch import Dispatcher
+from service.dispatch import AT_REDIS, Dispatcher
 from service.errors import InvalidRequest
 from service.metrics import INVALID, Heartbeat, heartbeat_path
 from service.protocol import ReplyTo, encode_error
@@ -75,6 +80,18 @@ def _extra_frames_reply() -> bytes:
     return encode_error(ReplyTo(), error)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Requests taken off the socket together, planned, not yet answered."""
+
+    started: float  # perf_counter when taken: the batch's latency metric
+    envelopes: list[list[bytes]]  # per request, the frames its reply goes back with
+    bad: list[list[bytes]]  # envelopes of malformed messages (InvalidRequest)
+    first: Sequence[tuple[int, bytes]] = ()  # replies that needed no Redis
+    answers: Iterator[Sequence[tuple[int, bytes]]] = field(default_factory=lambda: iter(()))
+    outcomes: list[tuple[str, str]] = field(default_factory=list)  # metrics labels
+
+
 class FrontWorker:
     def __init__(
         self,
@@ -113,6 +130,8 @@ class FrontWorker:
         # Routing id -> the peer's network address (the replay scope).
         self._addresses: dict[bytes, str] = {}
         self.outbox: Outbox | None = None  # made with the socket
+        # A batch taken and planned while the previous one was at Redis.
+        self._next: _Batch | None = None
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -153,7 +172,7 @@ class FrontWorker:
         log.info("front worker serving on %s", self.endpoint)
         try:
             while not self.stopping:
-                if poller.poll(OUTBOX_RETRY_MS if self.outbox else 100):
+                if self._next is not None or poller.poll(OUTBOX_RETRY_MS if self.outbox else 100):
                     self.serve_available(sock)
                 if self.outbox:
                     self.outbox.flush()
@@ -186,13 +205,27 @@ class FrontWorker:
         while time.monotonic() < self._drain_deadline:
             if self.outbox:
                 self.outbox.flush()
-            if sock.poll(20, zmq.POLLIN):
+            if self._next is not None or sock.poll(20, zmq.POLLIN):
                 self.serve_available(sock)
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 0.2:
                 break
 
     def serve_available(self, sock: zmq.Socket[bytes]) -> None:
+        """Answer one batch: the one planned while the previous batch was at
+        Redis, else what is queued now. While this batch's calls are at
+        Redis, what has been queued meanwhile is taken and planned as the
+        next batch (answered by the next call), so that decoding overlaps
+        with Redis instead of waiting for it."""
+        batch, self._next = self._next, None
+        if batch is None:
+            batch = self._take(sock)
+        if batch is not None:
+            self._answer(sock, batch)
+
+    def _take(self, sock: zmq.Socket[bytes]) -> _Batch | None:
+        """What is queued, up to the batch bounds, decoded and planned (the
+        dispatcher's first step); None when nothing is."""
         started = time.perf_counter()
         envelopes: list[list[bytes]] = []
         bodies: list[bytes] = []
@@ -215,29 +248,50 @@ class FrontWorker:
             taken += len(frames[-1])  # the body; routing frames are a few bytes
             if taken >= settings.batch_max_bytes:
                 break
-        metrics = self.metrics
-        outcomes: list[tuple[str, str]] = []
-        if metrics is not None and bodies:
-            metrics.started(len(bodies))
-        for envelope in bad:
-            self._send(sock, envelope, _extra_frames_reply())
+        if not bodies and not bad:
+            return None
+        if self.metrics is not None and bodies:
+            self.metrics.started(len(bodies))
+        batch = _Batch(started, envelopes, bad)
         if bodies:
             if self.client_keys is not None:
                 identities = [self.client_keys.client_for(k) for k in peers]
-                answers = self.dispatcher.handle_iter(bodies, identities, outcomes)
+                answers = self.dispatcher.handle_iter(bodies, identities, batch.outcomes)
             else:
                 addresses = [a or "" for a in peers]
-                answers = self.dispatcher.handle_iter(bodies, None, outcomes, addresses)
-            if self.outbox is None:  # serve_available called without run (tests)
-                self.outbox = Outbox(sock, self.settings.peer_outbox_budget, self._dropped)
-            send = self.outbox.send
-            for ready in answers:
-                for n, reply in ready:
-                    send([*envelopes[n], reply])
-        self.served += len(bodies) + len(bad)
-        if metrics is not None and (bodies or bad):
-            outcomes.extend([(INVALID, InvalidRequest.code)] * len(bad))
-            metrics.finished(outcomes, time.perf_counter() - started)
+                answers = self.dispatcher.handle_iter(bodies, None, batch.outcomes, addresses)
+            batch.first = next(answers)  # decoded and planned; nothing sent yet
+            batch.answers = answers
+        return batch
+
+    def _answer(self, sock: zmq.Socket[bytes], batch: _Batch) -> None:
+        if self.outbox is None:  # serve_available called without run (tests)
+            self.outbox = Outbox(sock, self.settings.peer_outbox_budget, self._dropped)
+        send = self.outbox.send
+        for envelope in batch.bad:
+            send([*envelope, _extra_frames_reply()])
+        envelopes = batch.envelopes
+        for n, reply in batch.first:
+            send([*envelopes[n], reply])
+        for ready in batch.answers:
+            if ready is AT_REDIS:
+                # Only while requests wait, and never while stopping (drain()
+                # answers what has arrived, it does not take more early).
+                if (
+                    self._next is None
+                    and not self.stopping
+                    and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+                ):
+                    self._next = self._take(sock)
+                continue
+            for n, reply in ready:
+                send([*envelopes[n], reply])
+        self.served += len(envelopes) + len(batch.bad)
+        metrics = self.metrics
+        if metrics is not None:
+            outcomes = batch.outcomes
+            outcomes.extend([(INVALID, InvalidRequest.code)] * len(batch.bad))
+            metrics.finished(outcomes, time.perf_counter() - batch.started)
 
     def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
         """The frames, and what identifies the sender: with CURVE the public
@@ -277,11 +331,6 @@ class FrontWorker:
         if len(rest) == 1:
             return envelope, rest[0]
         return envelope, None
-
-    def _send(self, sock: zmq.Socket[bytes], envelope: list[bytes], reply: bytes) -> None:
-        if self.outbox is None:  # serve_available called without run (tests)
-            self.outbox = Outbox(sock, self.settings.peer_outbox_budget, self._dropped)
-        self.outbox.send([*envelope, reply])
 
 
 def bound_peer_queues(sock: zmq.Socket[bytes], settings: Settings, peers_per_pipe: int = 1) -> None:

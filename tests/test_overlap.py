@@ -1,0 +1,205 @@
+"""The front worker decodes the next batch while a batch is at Redis.
+
+In-process FrontWorker on a real ROUTER over TCP, a real redis-server, and a
+Store wrapped to record when each batch is written and when it is read: the
+order of those events against the dispatcher's planning is the overlap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+import zmq
+
+from service import codec
+from service.dispatch import Dispatcher
+from service.settings import Settings
+from service.store import Call, Flight, Store
+from workers.front import FrontWorker
+from workers.launchers.process import free_port
+from workers.launchers.redis import EmbeddedRedis
+
+pytestmark = pytest.mark.integration
+
+BATCH = 4
+
+
+class RecordingFlight:
+    def __init__(self, flight: Flight, events: list[str]) -> None:
+        self.flight, self.events = flight, events
+
+    def results(self) -> list[Any]:
+        self.events.append("read")
+        return self.flight.results()
+
+
+class RecordingStore(Store):
+    """A Store that notes each write and each read of a batch."""
+
+    def __init__(self, client: redis.Redis, events: list[str]) -> None:
+        super().__init__(client)
+        self.events = events
+
+    def send(self, calls: Sequence[Call]) -> Flight:
+        self.events.append("send")
+        return RecordingFlight(super().send(calls), self.events)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def worker_and_peer(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> Iterator[tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]]]:
+    events: list[str] = []
+    settings = Settings(redis_url=redis_server.url, batch_max=BATCH)
+    store = RecordingStore(redis.Redis.from_url(redis_server.url), events)
+    store.load_scripts()
+    dispatcher = Dispatcher(settings, store)
+    plan = dispatcher._plan
+
+    def recorded_plan(*args: Any) -> Any:
+        events.append("plan")
+        return plan(*args)
+
+    dispatcher._plan = recorded_plan  # type: ignore[method-assign]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    worker = FrontWorker(settings, dispatcher, endpoint, context=ctx)
+    sock = worker.open_socket()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(endpoint)
+    try:
+        yield worker, sock, peer, events
+    finally:
+        peer.close(0)
+        sock.close(0)
+        ctx.term()
+
+
+def _create(worker: FrontWorker, sock: zmq.Socket[bytes], peer: zmq.Socket[bytes]) -> str:
+    peer.send_multipart([b"", _body("c", "create_session", client_id="overlap")])
+    assert sock.poll(5000)
+    worker.serve_available(sock)
+    return str(_replies(peer, 1)[0]["result"]["session_id"])
+
+
+def _body(rid: str, command: str, **params: Any) -> bytes:
+    return codec.dumps({"id": rid, "command": command, "parameters": params})
+
+
+def _queue(sock: zmq.Socket[bytes], peer: zmq.Socket[bytes], bodies: list[bytes]) -> None:
+    """Send every body, then wait until the worker's socket holds them all."""
+    for b in bodies:
+        peer.send_multipart([b"", b])
+    deadline = time.monotonic() + 5
+    # ZMQ_EVENTS says only "at least one"; wait a little for the rest of a
+    # burst that a loopback TCP connection delivers within microseconds.
+    while not sock.poll(50) and time.monotonic() < deadline:
+        pass
+    time.sleep(0.2)
+
+
+def _replies(peer: zmq.Socket[bytes], count: int) -> list[dict[str, Any]]:
+    out = []
+    while len(out) < count and peer.poll(5000):
+        frames = peer.recv_multipart()
+        out.append(codec.loads(frames[-1]))
+    return out
+
+
+def _evaluations(sid: str, count: int) -> list[bytes]:
+    return [
+        _body(f"e{i}", "record_evaluation", session_id=sid, code=f"{i} printString")
+        for i in range(count)
+    ]
+
+
+def test_next_batch_is_planned_while_this_one_is_at_redis(
+    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+) -> None:
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    events.clear()
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    # The second batch was taken and planned between the first one's write
+    # and its read, and nothing of it was sent yet.
+    assert events == ["plan"] * BATCH + ["send"] + ["plan"] * BATCH + ["read"]
+    first = _replies(peer, BATCH)
+    assert [r["id"] for r in first] == [f"e{i}" for i in range(BATCH)]
+    worker.serve_available(sock)  # the planned batch: no decoding left to do
+    assert events[-2:] == ["send", "read"] and events.count("plan") == 2 * BATCH
+    second = _replies(peer, BATCH)
+    # In request order, each written once, in the order the peer sent them.
+    assert [r["id"] for r in second] == [f"e{i}" for i in range(BATCH, 2 * BATCH)]
+    assert all(r["status"] == "success" for r in first + second)
+    peer.send_multipart([b"", _body("i", "get_session_info", session_id=sid)])
+    assert sock.poll(5000)
+    worker.serve_available(sock)
+    assert _replies(peer, 1)[0]["result"]["version"] == 1 + 2 * BATCH
+
+
+def test_nothing_queued_means_no_wait_for_more(
+    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+) -> None:
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    events.clear()
+    _queue(sock, peer, _evaluations(sid, 2))
+    worker.serve_available(sock)
+    assert events == ["plan", "plan", "send", "read"]
+    assert len(_replies(peer, 2)) == 2
+    assert worker._next is None
+
+
+def test_a_stop_answers_the_batch_planned_ahead(
+    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+) -> None:
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    assert worker._next is not None  # taken off the socket, not answered yet
+    worker.request_stop()
+    worker.drain(sock)
+    replies = _replies(peer, 2 * BATCH)
+    assert sorted(r["id"] for r in replies) == sorted(f"e{i}" for i in range(2 * BATCH))
+    assert all(r["status"] == "success" for r in replies)
+
+
+def test_redis_failing_mid_flight_answers_both_batches(
+    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+    redis_client: redis.Redis,
+) -> None:
+    """The connection is cut while the first batch is at Redis: it answers
+    StorageUnavailable, the batch planned meanwhile answers too (held after
+    the failure), and the worker serves again afterwards."""
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    store = worker.dispatcher.store
+    original = store.send
+
+    def send_then_cut(calls: Sequence[Call]) -> Flight:
+        flight = original(calls)
+        redis_client.client_kill_filter(_type="normal", skipme=True)
+        return flight
+
+    store.send = send_then_cut  # type: ignore[method-assign]
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    store.send = original  # type: ignore[method-assign]
+    worker.serve_available(sock)
+    replies = _replies(peer, 2 * BATCH)
+    assert len(replies) == 2 * BATCH
+    codes = {r["error_type"] for r in replies if r["status"] == "error"}
+    assert codes == {"StorageUnavailable"}
+    assert all(r["status"] == "error" for r in replies[:BATCH])
+    time.sleep(store.HOLD_AFTER_FAILURE + 0.1)
+    peer.send_multipart([b"", _body("again", "get_session_info", session_id=sid)])
+    assert sock.poll(5000)
+    worker.serve_available(sock)
+    assert _replies(peer, 1)[0]["status"] == "success"
