@@ -64,7 +64,7 @@ def worker_and_peer(
         events.append("plan")
         return plan(*args)
 
-    dispatcher._plan = recorded_plan  # type: ignore[method-assign]
+    dispatcher._plan = recorded_plan  # type: ignore[method-assign,assignment]
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     worker = FrontWorker(settings, dispatcher, endpoint, context=ctx)
@@ -104,7 +104,7 @@ def _queue(sock: zmq.Socket[bytes], peer: zmq.Socket[bytes], bodies: list[bytes]
 
 
 def _replies(peer: zmq.Socket[bytes], count: int) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     while len(out) < count and peer.poll(5000):
         frames = peer.recv_multipart()
         out.append(codec.loads(frames[-1]))
@@ -159,7 +159,7 @@ def test_nothing_queued_means_no_wait_for_more(
 def test_a_stop_answers_the_batch_planned_ahead(
     worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
 ) -> None:
-    worker, sock, peer, events = worker_and_peer
+    worker, sock, peer, _ = worker_and_peer
     sid = _create(worker, sock, peer)
     _queue(sock, peer, _evaluations(sid, 2 * BATCH))
     worker.serve_available(sock)
@@ -178,7 +178,7 @@ def test_redis_failing_mid_flight_answers_both_batches(
     """The connection is cut while the first batch is at Redis: it answers
     StorageUnavailable, the batch planned meanwhile answers too (held after
     the failure), and the worker serves again afterwards."""
-    worker, sock, peer, events = worker_and_peer
+    worker, sock, peer, _ = worker_and_peer
     sid = _create(worker, sock, peer)
     store = worker.dispatcher.store
     original = store.send
