@@ -386,8 +386,7 @@ def _why(run: Run) -> str:
             + " that must do at least what the echo server does (ZeroMQ, parsing the "
             f"request, encoding the reply) and more: it spends {f.server_cpu_us:.0f} us.")
         # The front is one thread: its share of a CPU in this drive, and the
-        # most it could serve if it never waited (Redis answering while it
-        # decodes the next batch).
+        # most it could serve if it never waited for Redis or requests.
         front_share = f.server_cpu_us * f.throughput / 1e6
         ceiling = 1e6 / f.server_cpu_us if f.server_cpu_us else float("nan")
         busy = (f.total_cpu_us + f.loadgen_cpu_us) * f.throughput / 1e6
@@ -395,8 +394,10 @@ def _why(run: Run) -> str:
             f"- **Throughput, {kind} x{n}.** The front worker is one thread, busy "
             f"{front_share:.0%} of the drive ({f.server_cpu_us:.0f} us x "
             f"{f.throughput:,.0f} req/s); the rest of the time it waits for Redis or for "
-            f"requests. Overlapping that wait (decoding the next batch while Redis runs "
-            f"this one, not built) could at best keep it busy all the time: "
+            f"requests. It already decodes the next batch while Redis runs one, when "
+            f"requests have queued behind it (what that gained: "
+            f"[benchmarks-overlap.md](benchmarks-overlap.md)); a front that never waited at "
+            f"all would still serve at most 1 / its CPU per request, "
             f"{ceiling:,.0f} req/s, {ratio(ceiling, e.throughput):.2f}x the echo server's "
             f"{e.throughput:,.0f} req/s, and by then the front, Redis and the load generator "
             f"would need {busy / front_share:.1f} of the machine's {cpus} CPUs. The ratio "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
@@ -281,13 +281,13 @@ def test_every_script_call_stays_in_one_cluster_slot(
 
     d = fake_dispatcher()
     seen: list[Call] = []
-    real_run = Store.run
+    real_send = Store.send
 
-    def spy(self: Store, calls: list[Call]) -> list[Any]:
+    def spy(self: Store, calls: list[Call]) -> Any:
         seen.extend(calls)
-        return real_run(self, calls)
+        return real_send(self, calls)
 
-    monkeypatch.setattr(Store, "run", spy)
+    monkeypatch.setattr(Store, "send", spy)
     sid = ask(d, "create_session", client_id="slots")["result"]["session_id"]
     steps: list[tuple[str, dict[str, Any]]] = [
         ("restore_session", {}),
@@ -330,9 +330,12 @@ def test_transient_redis_refusals_are_storage_unavailable(
     from service.store import Store
 
     d = fake_dispatcher()
-    monkeypatch.setattr(
-        Store, "_pipeline", lambda self, calls: [ResponseError(message)] * len(calls)
-    )
+
+    def refused(self: Store, calls: list[Any]) -> Generator[None, None, list[Any]]:
+        yield  # written
+        return [ResponseError(message)] * len(calls)
+
+    monkeypatch.setattr(Store, "_pipeline", refused)
     reply = ask(d, "create_session", client_id="t")
     assert reply["error_type"] == "StorageUnavailable"
 
