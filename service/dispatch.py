@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +139,7 @@ class Dispatcher:
         identities: Sequence[str | None] | None = None,
         outcomes: list[tuple[str, str]] | None = None,
         peers: Sequence[str] | None = None,
-    ) -> Iterator[Sequence[tuple[int, bytes]]]:
+    ) -> Generator[Sequence[tuple[int, bytes]], None, None]:
         """The replies, as (index, reply) pairs, a list at a time as they are
         ready: refusals and answers that need no Redis first (always yielded,
         if empty: the first step decodes and plans the whole batch and sends
@@ -228,9 +228,16 @@ class Dispatcher:
             p.first_call = len(calls)
             calls.extend(p.plan.calls)
         try:
-            flight = self.store.send(calls)
-            yield AT_REDIS
-            results = flight.results()
+            if calls:
+                flight = self.store.send(calls)
+                try:
+                    yield AT_REDIS
+                except GeneratorExit:  # given up while at Redis (the front failed)
+                    flight.abandon()
+                    raise
+                results = flight.results()
+            else:  # e.g. statistics requests whose refresh an earlier batch made
+                results = []
         except Exception as exc:  # one batch's failure must not end the worker
             error = exc if isinstance(exc, StuiError) else InternalError()
             if not isinstance(exc, StuiError):

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # One batch takes at most batch_max messages and about this many request
     # bytes (always at least one message).
     batch_max_bytes: int = Field(default=16 * MIB, ge=MIB)
+    # While a batch is at Redis the front takes and plans what queued behind
+    # it, up to about this many request bytes (0: never), answered after it.
+    # Small, because that batch's replies wait for this planning: 1 MiB of
+    # requests (hundreds of typical ones) is a few ms of it.
+    batch_ahead_bytes: int = Field(default=MIB, ge=0)
     # One Redis round trip carries calls whose replies may total at most
     # this (by each command's largest possible reply: about 1 MiB for a
     # whole session, so 64 such requests fit); a batch above it goes to

@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 import redis
 import zmq
+from prometheus_client import CollectorRegistry
 
 from service import codec
+from service import store as store_module
 from service.dispatch import Dispatcher
+from service.metrics import FrontMetrics
 from service.settings import Settings
 from service.store import Call, Flight, Store
 from workers.front import FrontWorker
@@ -49,12 +52,21 @@ class RecordingStore(Store):
         return RecordingFlight(super().send(calls), self.events)  # type: ignore[return-value]
 
 
+Rig = tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]]
+
+
+@pytest.fixture
+def overrides() -> dict[str, Any]:
+    """Settings of the worker under test, beside batch_max (a test may override)."""
+    return {}
+
+
 @pytest.fixture
 def worker_and_peer(
-    redis_server: EmbeddedRedis, redis_client: redis.Redis
-) -> Iterator[tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]]]:
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, overrides: dict[str, Any]
+) -> Iterator[Rig]:
     events: list[str] = []
-    settings = Settings(redis_url=redis_server.url, batch_max=BATCH)
+    settings = Settings(redis_url=redis_server.url, batch_max=BATCH, **overrides)
     store = RecordingStore(redis.Redis.from_url(redis_server.url), events)
     store.load_scripts()
     dispatcher = Dispatcher(settings, store)
@@ -119,7 +131,7 @@ def _evaluations(sid: str, count: int) -> list[bytes]:
 
 
 def test_next_batch_is_planned_while_this_one_is_at_redis(
-    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+    worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, events = worker_and_peer
     sid = _create(worker, sock, peer)
@@ -144,7 +156,7 @@ def test_next_batch_is_planned_while_this_one_is_at_redis(
 
 
 def test_nothing_queued_means_no_wait_for_more(
-    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+    worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, events = worker_and_peer
     sid = _create(worker, sock, peer)
@@ -157,7 +169,7 @@ def test_nothing_queued_means_no_wait_for_more(
 
 
 def test_a_stop_answers_the_batch_planned_ahead(
-    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
+    worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, _ = worker_and_peer
     sid = _create(worker, sock, peer)
@@ -167,37 +179,118 @@ def test_a_stop_answers_the_batch_planned_ahead(
     worker.request_stop()
     worker.drain(sock)
     replies = _replies(peer, 2 * BATCH)
-    assert sorted(r["id"] for r in replies) == sorted(f"e{i}" for i in range(2 * BATCH))
+    assert [r["id"] for r in replies] == [f"e{i}" for i in range(2 * BATCH)]
+    assert all(r["status"] == "success" for r in replies)
+    assert not peer.poll(200)  # each answered once
+
+
+@pytest.mark.parametrize("overrides", [{"shutdown_grace": 0}])
+def test_no_grace_still_answers_what_was_taken_ahead(worker_and_peer: Rig) -> None:
+    worker, sock, peer, _ = worker_and_peer
+    sid = _create(worker, sock, peer)
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    assert worker._next is not None
+    worker.request_stop()
+    worker.drain(sock)
+    assert worker._next is None
+    assert [r["id"] for r in _replies(peer, 2 * BATCH)] == [f"e{i}" for i in range(2 * BATCH)]
+
+
+def test_a_stop_before_the_write_takes_nothing_ahead(worker_and_peer: Rig) -> None:
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    events.clear()
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.request_stop()
+    worker.serve_available(sock)
+    assert events == ["plan"] * BATCH + ["send", "read"] and worker._next is None
+    assert len(_replies(peer, BATCH)) == BATCH
+
+
+@pytest.mark.parametrize("overrides", [{"batch_ahead_bytes": 0}])
+def test_batch_ahead_bytes_zero_turns_the_overlap_off(worker_and_peer: Rig) -> None:
+    worker, sock, peer, events = worker_and_peer
+    sid = _create(worker, sock, peer)
+    events.clear()
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    assert events == ["plan"] * BATCH + ["send", "read"] and worker._next is None
+
+
+@pytest.mark.parametrize("overrides", [{"batch_ahead_bytes": 1}])
+def test_the_batch_taken_ahead_is_bounded_by_batch_ahead_bytes(worker_and_peer: Rig) -> None:
+    """1 byte: the batch taken ahead holds one message (always at least one),
+    against BATCH for a batch taken after the wait."""
+    worker, sock, peer, _ = worker_and_peer
+    sid = _create(worker, sock, peer)
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    assert worker._next is not None and len(worker._next.envelopes) == 1
+
+
+def test_a_failure_taking_ahead_leaves_the_batch_at_redis_answered(
+    worker_and_peer: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker, sock, peer, _ = worker_and_peer
+    sid = _create(worker, sock, peer)
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+
+    take = worker._take
+
+    def fail_ahead(sock: zmq.Socket[bytes], max_bytes: int | None = None) -> Any:
+        if max_bytes is not None:  # the take-ahead
+            raise MemoryError("planning the next batch")
+        return take(sock)
+
+    monkeypatch.setattr(worker, "_take", fail_ahead)
+    worker.serve_available(sock)
+    assert worker._next is None
+    replies = _replies(peer, BATCH)
+    assert [r["id"] for r in replies] == [f"e{i}" for i in range(BATCH)]
     assert all(r["status"] == "success" for r in replies)
 
 
+def test_the_in_flight_gauge_counts_the_batch_taken_ahead(worker_and_peer: Rig) -> None:
+    worker, sock, peer, _ = worker_and_peer
+    registry = CollectorRegistry()
+    worker.metrics = FrontMetrics(registry)
+    sid = _create(worker, sock, peer)
+    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker.serve_available(sock)
+    assert registry.get_sample_value("stui_sessions_requests_in_flight") == BATCH
+    worker.serve_available(sock)
+    assert registry.get_sample_value("stui_sessions_requests_in_flight") == 0
+
+
 def test_redis_failing_mid_flight_answers_both_batches(
-    worker_and_peer: tuple[FrontWorker, zmq.Socket[bytes], zmq.Socket[bytes], list[str]],
-    redis_client: redis.Redis,
+    worker_and_peer: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The connection is cut while the first batch is at Redis: it answers
-    StorageUnavailable, the batch planned meanwhile answers too (held after
-    the failure), and the worker serves again afterwards."""
+    """The connection fails while the first batch is at Redis (its replies
+    unread): it answers StorageUnavailable, so does the batch planned
+    meanwhile (the hold after a failure), and the worker serves again
+    afterwards."""
     worker, sock, peer, _ = worker_and_peer
     sid = _create(worker, sock, peer)
     store = worker.dispatcher.store
-    original = store.send
+    real_read = store_module._read
+    cut: list[bool] = []
 
-    def send_then_cut(calls: Sequence[Call]) -> Flight:
-        flight = original(calls)
-        redis_client.client_kill_filter(_type="normal", skipme=True)
-        return flight
+    def read_once_cut(conn: Any, calls: Sequence[Call], wait: Any) -> list[Any]:
+        if not cut:
+            cut.append(True)
+            raise redis.ConnectionError("cut while the batch was at Redis")
+        return real_read(conn, calls, wait)
 
-    store.send = send_then_cut  # type: ignore[method-assign]
+    monkeypatch.setattr(store_module, "_read", read_once_cut)
     _queue(sock, peer, _evaluations(sid, 2 * BATCH))
     worker.serve_available(sock)
-    store.send = original  # type: ignore[method-assign]
+    assert worker._next is not None  # planned while the first batch was at Redis
     worker.serve_available(sock)
     replies = _replies(peer, 2 * BATCH)
-    assert len(replies) == 2 * BATCH
-    codes = {r["error_type"] for r in replies if r["status"] == "error"}
-    assert codes == {"StorageUnavailable"}
-    assert all(r["status"] == "error" for r in replies[:BATCH])
+    assert [r["id"] for r in replies] == [f"e{i}" for i in range(2 * BATCH)]
+    assert {r.get("error_type") for r in replies} == {"StorageUnavailable"}
+    assert not peer.poll(200)
     time.sleep(store.HOLD_AFTER_FAILURE + 0.1)
     peer.send_multipart([b"", _body("again", "get_session_info", session_id=sid)])
     assert sock.poll(5000)

@@ -11,9 +11,11 @@ what it sends (docs/security.md):
 - inbound: libzmq queues at most peer_recv_queue messages per peer, each at
   most transport_max_bytes (a larger one makes libzmq drop the peer);
 - a batch takes at most batch_max messages and about batch_max_bytes, and
-  at most two batches are held (one at Redis, the next planned meanwhile);
+  at most two batches are held: one at Redis, and the next, planned
+  meanwhile, of about batch_ahead_bytes at most;
   libzmq reads its peers in turn, one message each, so one peer's queue
-  never holds another's first request back by more than a batch;
+  never holds another's first request back by more than a batch (and the
+  small batch taken ahead);
 - outbound: at most peer_send_queue replies wait for one peer in libzmq,
   each at most max_reply_bytes, then peer_outbox_bytes in this process
   (workers/outbox.py); a reply beyond that is dropped and counted, as Redis'
@@ -31,7 +33,7 @@ import ctypes
 import logging
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import cast
@@ -80,6 +82,10 @@ def _extra_frames_reply() -> bytes:
     return encode_error(ReplyTo(), error)
 
 
+def _done() -> Generator[Sequence[tuple[int, bytes]], None, None]:
+    yield from ()
+
+
 @dataclass(slots=True)
 class _Batch:
     """Requests taken off the socket together, planned, not yet answered."""
@@ -88,7 +94,7 @@ class _Batch:
     envelopes: list[list[bytes]]  # per request, the frames its reply goes back with
     bad: list[list[bytes]]  # envelopes of malformed messages (InvalidRequest)
     first: Sequence[tuple[int, bytes]] = ()  # replies that needed no Redis
-    answers: Iterator[Sequence[tuple[int, bytes]]] = field(default_factory=lambda: iter(()))
+    answers: Generator[Sequence[tuple[int, bytes]], None, None] = field(default_factory=_done)
     outcomes: list[tuple[str, str]] = field(default_factory=list)  # metrics labels
 
 
@@ -132,6 +138,7 @@ class FrontWorker:
         self.outbox: Outbox | None = None  # made with the socket
         # A batch taken and planned while the previous one was at Redis.
         self._next: _Batch | None = None
+        self._held = 0  # requests taken and not answered yet (the in-flight gauge)
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -176,7 +183,7 @@ class FrontWorker:
                     self.serve_available(sock)
                 if self.outbox:
                     self.outbox.flush()
-                elif self.metrics is not None:
+                elif self.metrics is not None and self._next is None:
                     self.metrics.idle()
                 if self.metrics is not None:
                     self.metrics.tick()
@@ -201,6 +208,8 @@ class FrontWorker:
     def drain(self, sock: zmq.Socket[bytes]) -> None:
         """After a stop request: answer what has already arrived, within the grace period."""
         self._drain_deadline = time.monotonic() + self.settings.shutdown_grace
+        if self._next is not None:  # taken off the socket already: answered whatever the grace
+            self.serve_available(sock)
         quiet_since = time.monotonic()
         while time.monotonic() < self._drain_deadline:
             if self.outbox:
@@ -223,15 +232,17 @@ class FrontWorker:
         if batch is not None:
             self._answer(sock, batch)
 
-    def _take(self, sock: zmq.Socket[bytes]) -> _Batch | None:
-        """What is queued, up to the batch bounds, decoded and planned (the
-        dispatcher's first step); None when nothing is."""
+    def _take(self, sock: zmq.Socket[bytes], max_bytes: int | None = None) -> _Batch | None:
+        """What is queued, up to the batch bounds (max_bytes instead of
+        batch_max_bytes when given), decoded and planned (the dispatcher's
+        first step); None when nothing is."""
         started = time.perf_counter()
         envelopes: list[list[bytes]] = []
         bodies: list[bytes] = []
         peers: list[str | None] = []  # CURVE public key, or network address
         bad: list[list[bytes]] = []
         settings = self.settings
+        limit = settings.batch_max_bytes if max_bytes is None else max_bytes
         taken = 0
         for _ in range(settings.batch_max):
             try:
@@ -246,12 +257,13 @@ class FrontWorker:
                 bodies.append(body)
                 peers.append(peer)
             taken += len(frames[-1])  # the body; routing frames are a few bytes
-            if taken >= settings.batch_max_bytes:
+            if taken >= limit:
                 break
         if not bodies and not bad:
             return None
-        if self.metrics is not None and bodies:
-            self.metrics.started(len(bodies))
+        self._held += len(bodies)
+        if self.metrics is not None:
+            self.metrics.started(self._held)
         batch = _Batch(started, envelopes, bad)
         if bodies:
             if self.client_keys is not None:
@@ -273,25 +285,44 @@ class FrontWorker:
         envelopes = batch.envelopes
         for n, reply in batch.first:
             send([*envelopes[n], reply])
-        for ready in batch.answers:
-            if ready is AT_REDIS:
-                # Only while requests wait, and never while stopping (drain()
-                # answers what has arrived, it does not take more early).
-                if (
-                    self._next is None
-                    and not self.stopping
-                    and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
-                ):
-                    self._next = self._take(sock)
-                continue
-            for n, reply in ready:
-                send([*envelopes[n], reply])
+        ahead = self.settings.batch_ahead_bytes
+        try:
+            for ready in batch.answers:
+                if ready is AT_REDIS:
+                    # Only while requests wait, and never while stopping
+                    # (drain() answers what has arrived, it takes no more early).
+                    if (
+                        ahead
+                        and self._next is None
+                        and not self.stopping
+                        and cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+                    ):
+                        self._take_ahead(sock, ahead)
+                    continue
+                for n, reply in ready:
+                    send([*envelopes[n], reply])
+        finally:
+            # Left early only by an exception: its Redis connection, if one
+            # is still unread, is disconnected now rather than at collection.
+            batch.answers.close()
+            self._held -= len(envelopes)
         self.served += len(envelopes) + len(batch.bad)
         metrics = self.metrics
         if metrics is not None:
+            metrics.started(self._held)  # what is still held: the batch taken ahead
             outcomes = batch.outcomes
             outcomes.extend([(INVALID, InvalidRequest.code)] * len(batch.bad))
             metrics.finished(outcomes, time.perf_counter() - batch.started)
+
+    def _take_ahead(self, sock: zmq.Socket[bytes], max_bytes: int) -> None:
+        """The next batch, taken while this one is at Redis. A failure here
+        (memory, say) must not cost the batch at Redis its replies: its
+        writes are done. What this take had received is lost, as it would
+        have been with the process."""
+        try:
+            self._next = self._take(sock, max_bytes)
+        except Exception:
+            log.exception("taking the next batch failed; the batch at Redis is still answered")
 
     def _receive(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
         """The frames, and what identifies the sender: with CURVE the public
