@@ -102,12 +102,15 @@ class Flight:
             self._results = done.value
 
     def results(self) -> list[Any]:
-        """The results in call order, as Store.run returns them (or raises)."""
+        """The results in call order, as Store.run returns them (or raises).
+        Once only: a flight that raised, or was abandoned, has no results."""
         if self._results is None:
             try:
                 while True:
                     next(self._steps)
             except StopIteration as done:
+                if done.value is None:
+                    raise RuntimeError("this flight already failed or was abandoned") from None
                 self._results = done.value
         return self._results
 

@@ -8,7 +8,7 @@ order of those events against the dispatcher's planning is the overlap.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -296,3 +296,33 @@ def test_redis_failing_mid_flight_answers_both_batches(
     assert sock.poll(5000)
     worker.serve_available(sock)
     assert _replies(peer, 1)[0]["status"] == "success"
+
+
+def test_a_flight_reads_once_and_an_abandoned_one_disconnects(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    from service.errors import StorageUnavailable
+    from service.scripts import INFO
+
+    def failing() -> Generator[None, None, list[Any]]:
+        yield
+        raise StorageUnavailable()
+
+    flight = Flight(failing())
+    with pytest.raises(StorageUnavailable):
+        flight.results()
+    with pytest.raises(RuntimeError):  # not None, as if it had no calls
+        flight.results()
+
+    client = redis.Redis.from_url(redis_server.url)
+    store = Store(client)
+    store.load_scripts()
+    pool = client.connection_pool
+    flight = store.send([Call(INFO, ["stui:nothing"], [])])
+    (conn,) = pool._in_use_connections  # type: ignore[attr-defined,unused-ignore]
+    flight.abandon()
+    # Its reply unread, the connection must never serve another batch.
+    assert not pool._in_use_connections  # type: ignore[attr-defined,unused-ignore]
+    assert conn._sock is None
+    assert len(store.run([Call(INFO, ["stui:nothing"], [])])) == 1
+    client.close()
