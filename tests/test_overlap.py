@@ -8,7 +8,7 @@ order of those events against the dispatcher's planning is the overlap.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -326,3 +326,10 @@ def test_a_flight_reads_once_and_an_abandoned_one_disconnects(
     assert conn._sock is None
     assert len(store.run([Call(INFO, ["stui:nothing"], [])])) == 1
     client.close()
+
+
+def test_describe_reports_batch_ahead_bytes(fake_dispatcher: Callable[..., Dispatcher]) -> None:
+    """A bound on what a front holds, reported with the others."""
+    d = fake_dispatcher(batch_ahead_bytes=4096)
+    reply = codec.loads(d.handle([_body("d", "describe")])[0])
+    assert reply["result"]["limits"]["batch_ahead_bytes"] == 4096

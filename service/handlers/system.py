@@ -77,6 +77,7 @@ def describe(p: models.NoParams, ctx: Ctx) -> Plan:
                     "peer_outbound_bytes": s.peer_outbound_bytes,
                     "batch_max": s.batch_max,
                     "batch_max_bytes": s.batch_max_bytes,
+                    "batch_ahead_bytes": s.batch_ahead_bytes,
                     "batch_reply_bytes": s.batch_reply_bytes,
                     "stats_max_age": s.stats_max_age,
                 },
