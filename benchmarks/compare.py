@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,46 @@ def start_front(
              "--bind", f"tcp://127.0.0.1:{port}"],
             cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
+
+
+@dataclass
+class SideBySide:
+    """Two fronts on one private redis-server: "earlier" (the commit
+    compared against, in a temporary worktree) and "this" (this tree)."""
+
+    ctx: zmq.Context[zmq.Socket[bytes]]
+    server: EmbeddedRedis
+    procs: dict[str, tuple[subprocess.Popen[bytes], str]]  # name -> (process, endpoint)
+
+
+@contextmanager
+def side_by_side(
+    against: str, prefix: str, env: dict[str, dict[str, str]]
+) -> Iterator[SideBySide]:
+    """Both fronts started and answering, each with env[name] added to its
+    settings; stopped, and the worktree removed, afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    tree = work / "earlier"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), against],
+                   cwd=REPO, check=True)
+    server = EmbeddedRedis().start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    try:
+        for name, root in (("earlier", tree), ("this", REPO)):
+            port = free_port()
+            proc = start_front(root, server.url, port, work / f"{name}.log", env.get(name, {}))
+            procs[name] = (proc, f"tcp://127.0.0.1:{port}")
+            wait_answering(ctx, procs[name][1], proc)
+        yield SideBySide(ctx, server, procs)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(15)
+        ctx.destroy(0)
+        server.stop()
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sessions(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, name: str) -> list[str]:
@@ -219,22 +260,9 @@ def main() -> None:
     rounds, seconds = (2, 2.0) if args.quick else (8, 4.0)
     progress = Progress()
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="stui-compare-"))
-    tree = work / "earlier"
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), args.against],
-                   cwd=REPO, check=True)
-    server = EmbeddedRedis().start()
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     found: dict[tuple[str, str], Figures] = {}
-    try:
-        for name, root in (("earlier", tree), ("this", REPO)):
-            port = free_port()
-            proc = start_front(
-                root, server.url, port, work / f"{name}.log", extra if name == "this" else {}
-            )
-            procs[name] = (proc, f"tcp://127.0.0.1:{port}")
-            wait_answering(ctx, procs[name][1], proc)
+    with side_by_side(args.against, "stui-compare-", {"this": extra}) as fronts:
+        ctx, server, procs = fronts.ctx, fronts.server, fronts.procs
         sids = {name: sessions(ctx, endpoint, name) for name, (_, endpoint) in procs.items()}
         rc = redis.Redis.from_url(server.url)
         info = machine.describe(str(rc.info("server")["redis_version"]))
@@ -255,14 +283,6 @@ def main() -> None:
                     f.rate.append(rate)
                     progress(f"round {rnd + 1}/{rounds} {kind} x{INFLIGHT} {name}: front "
                              f"{front:.0f} us, Redis {rtime:.0f} us, {rate:,.0f} req/s")
-    finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-            proc.wait(15)
-        ctx.destroy(0)
-        server.stop()
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
-        shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
     json_path, md_path = outputs(args.name, args.quick or bool(extra))
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,23 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import redis
 import zmq
 
 from benchmarks import machine
 from benchmarks.common import Progress, outputs, plain
-from benchmarks.compare import start_front
+from benchmarks.compare import side_by_side
 from benchmarks.loadgen import LoadGen
-from benchmarks.servers import REPO, wait_answering
-from workers.launchers.process import free_port
-from workers.launchers.redis import EmbeddedRedis
 
 PER_CLIENT = 900  # sessions per client id while filling (the limit is raised to 1000)
 FRONT_ENV = {
@@ -131,20 +124,10 @@ def main() -> None:
     sizes, rounds, calls = ((1_000, 10_000), 2, 100) if args.quick else ((1_000, 100_000), 4, 600)
     progress = Progress()
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="stui-statscompare-"))
-    tree = work / "earlier"
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), args.against],
-                   cwd=REPO, check=True)
-    server = EmbeddedRedis().start()
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     found: dict[str, dict[str, list[float]]] = {"earlier": {}, "this": {}}
-    try:
-        for name, root in (("earlier", tree), ("this", REPO)):
-            port = free_port()
-            proc = start_front(root, server.url, port, work / f"{name}.log", FRONT_ENV)
-            procs[name] = (proc, f"tcp://127.0.0.1:{port}")
-            wait_answering(ctx, procs[name][1], proc)
+    env = {"earlier": FRONT_ENV, "this": FRONT_ENV}
+    with side_by_side(args.against, "stui-statscompare-", env) as fronts:
+        ctx, server, procs = fronts.ctx, fronts.server, fronts.procs
         rc = redis.Redis.from_url(server.url)
         info = machine.describe(str(rc.info("server")["redis_version"]))
         for size in sizes:
@@ -158,14 +141,6 @@ def main() -> None:
                     found[name].setdefault(str(size), []).append(p50)
                     progress(f"{size:,} sessions, round {rnd + 1}/{rounds}, {name}: "
                              f"p50 {p50:.3f} ms")
-    finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-            proc.wait(15)
-        ctx.destroy(0)
-        server.stop()
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
-        shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - started
     json_path, md_path = outputs("statscompare", args.quick)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -130,13 +130,21 @@ def _evaluations(sid: str, count: int) -> list[bytes]:
     ]
 
 
+def _burst(rig: Rig, count: int = 2 * BATCH) -> str:
+    """A new session, then `count` evaluations of it queued at the worker's
+    socket, with the events recorded so far cleared; the session's id."""
+    worker, sock, peer, events = rig
+    sid = _create(worker, sock, peer)
+    events.clear()
+    _queue(sock, peer, _evaluations(sid, count))
+    return sid
+
+
 def test_next_batch_is_planned_while_this_one_is_at_redis(
     worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, events = worker_and_peer
-    sid = _create(worker, sock, peer)
-    events.clear()
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    sid = _burst(worker_and_peer)
     worker.serve_available(sock)
     # The second batch was taken and planned between the first one's write
     # and its read, and nothing of it was sent yet.
@@ -159,9 +167,7 @@ def test_nothing_queued_means_no_wait_for_more(
     worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, events = worker_and_peer
-    sid = _create(worker, sock, peer)
-    events.clear()
-    _queue(sock, peer, _evaluations(sid, 2))
+    _burst(worker_and_peer, 2)
     worker.serve_available(sock)
     assert events == ["plan", "plan", "send", "read"]
     assert len(_replies(peer, 2)) == 2
@@ -172,8 +178,7 @@ def test_a_stop_answers_the_batch_planned_ahead(
     worker_and_peer: Rig,
 ) -> None:
     worker, sock, peer, _ = worker_and_peer
-    sid = _create(worker, sock, peer)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    _burst(worker_and_peer)
     worker.serve_available(sock)
     assert worker._next is not None  # taken off the socket, not answered yet
     worker.request_stop()
@@ -187,8 +192,7 @@ def test_a_stop_answers_the_batch_planned_ahead(
 @pytest.mark.parametrize("overrides", [{"shutdown_grace": 0}])
 def test_no_grace_still_answers_what_was_taken_ahead(worker_and_peer: Rig) -> None:
     worker, sock, peer, _ = worker_and_peer
-    sid = _create(worker, sock, peer)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    _burst(worker_and_peer)
     worker.serve_available(sock)
     assert worker._next is not None
     worker.request_stop()
@@ -199,9 +203,7 @@ def test_no_grace_still_answers_what_was_taken_ahead(worker_and_peer: Rig) -> No
 
 def test_a_stop_before_the_write_takes_nothing_ahead(worker_and_peer: Rig) -> None:
     worker, sock, peer, events = worker_and_peer
-    sid = _create(worker, sock, peer)
-    events.clear()
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    _burst(worker_and_peer)
     worker.request_stop()
     worker.serve_available(sock)
     assert events == ["plan"] * BATCH + ["send", "read"] and worker._next is None
@@ -210,10 +212,8 @@ def test_a_stop_before_the_write_takes_nothing_ahead(worker_and_peer: Rig) -> No
 
 @pytest.mark.parametrize("overrides", [{"batch_ahead_bytes": 0}])
 def test_batch_ahead_bytes_zero_turns_the_overlap_off(worker_and_peer: Rig) -> None:
-    worker, sock, peer, events = worker_and_peer
-    sid = _create(worker, sock, peer)
-    events.clear()
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker, sock, _peer, events = worker_and_peer
+    _burst(worker_and_peer)
     worker.serve_available(sock)
     assert events == ["plan"] * BATCH + ["send", "read"] and worker._next is None
 
@@ -222,9 +222,8 @@ def test_batch_ahead_bytes_zero_turns_the_overlap_off(worker_and_peer: Rig) -> N
 def test_the_batch_taken_ahead_is_bounded_by_batch_ahead_bytes(worker_and_peer: Rig) -> None:
     """1 byte: the batch taken ahead holds one message (always at least one),
     against BATCH for a batch taken after the wait."""
-    worker, sock, peer, _ = worker_and_peer
-    sid = _create(worker, sock, peer)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    worker, sock, _peer, _ = worker_and_peer
+    _burst(worker_and_peer)
     worker.serve_available(sock)
     assert worker._next is not None and len(worker._next.envelopes) == 1
 
@@ -233,8 +232,7 @@ def test_a_failure_taking_ahead_leaves_the_batch_at_redis_answered(
     worker_and_peer: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker, sock, peer, _ = worker_and_peer
-    sid = _create(worker, sock, peer)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    _burst(worker_and_peer)
 
     take = worker._take
 
@@ -252,11 +250,10 @@ def test_a_failure_taking_ahead_leaves_the_batch_at_redis_answered(
 
 
 def test_the_in_flight_gauge_counts_the_batch_taken_ahead(worker_and_peer: Rig) -> None:
-    worker, sock, peer, _ = worker_and_peer
+    worker, sock, _peer, _ = worker_and_peer
     registry = CollectorRegistry()
     worker.metrics = FrontMetrics(registry)
-    sid = _create(worker, sock, peer)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
+    _burst(worker_and_peer)
     worker.serve_available(sock)
     assert registry.get_sample_value("stui_sessions_requests_in_flight") == BATCH
     worker.serve_available(sock)
@@ -271,7 +268,7 @@ def test_redis_failing_mid_flight_answers_both_batches(
     meanwhile (the hold after a failure), and the worker serves again
     afterwards."""
     worker, sock, peer, _ = worker_and_peer
-    sid = _create(worker, sock, peer)
+    sid = _burst(worker_and_peer)
     store = worker.dispatcher.store
     real_read = store_module._read
     cut: list[bool] = []
@@ -283,7 +280,6 @@ def test_redis_failing_mid_flight_answers_both_batches(
         return real_read(conn, calls, wait)
 
     monkeypatch.setattr(store_module, "_read", read_once_cut)
-    _queue(sock, peer, _evaluations(sid, 2 * BATCH))
     worker.serve_available(sock)
     assert worker._next is not None  # planned while the first batch was at Redis
     worker.serve_available(sock)

@@ -183,8 +183,6 @@ class FrontWorker:
                     self.serve_available(sock)
                 if self.outbox:
                     self.outbox.flush()
-                elif self.metrics is not None and self._next is None:
-                    self.metrics.idle()
                 if self.metrics is not None:
                     self.metrics.tick()
                 if self.heartbeat is not None:
