@@ -39,8 +39,8 @@ HEADER = (
 )
 
 
-def probe(tree: Path, repeats: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+def probe(tree: Path, repeats: int, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, str(PROBE), str(repeats)], cwd=tree, env=env,
                          capture_output=True, text=True, check=True, timeout=600)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -98,8 +98,10 @@ def _as_library(prelude: str) -> str:
     per-call values (KEYS, ARGV, the clock) set by the function itself."""
     lib = prelude.replace("local sid, chash = ARGV[4], ARGV[5]",
                           "local KEYS, ARGV, now, sid, chash, idx_sets, idx_until")
-    lib = lib.replace("local t = redis.call('TIME')\n"
-                      "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)", "")
+    clock = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)"
+    if clock not in lib:
+        raise ValueError("the prelude's clock reading is not where _as_library looks")
+    lib = lib.replace(clock, "")
     lib = lib.replace("local idx_sets, idx_until = {}, 0", "")
     lib = lib.replace("local ient = string.sub(sid, #chash + 2)", "local ient")
     return ("#!lua name=stui_rediscost\n" + lib + """
@@ -107,7 +109,7 @@ redis.register_function('noop', function(keys, args)
   KEYS, ARGV, sid, chash = keys, args, args[4], args[5]
   ient = string.sub(sid, #chash + 2)
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = t[1] * 1000 + math.floor(t[2] / 1000)
   idx_sets, idx_until = {}, 0
   return 1
 end)

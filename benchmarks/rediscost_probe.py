@@ -5,12 +5,22 @@ workers.launchers.redis or, before that package, workers.embedded_redis).
 
 Prints JSON: {command: {"usec": per script call, "calls": inner Redis calls
 per request (TIME included), "scripts": script calls per request}}.
+
+With STUI_PROBE_CALLGRIND set to a folder, redis-server runs under valgrind's
+callgrind and each command also gets "instructions": what Redis executed per
+request (reading it, the script, the reply), counted with instrumentation on
+only while that command's requests run. A count, not a time: the same for
+the same binary and requests whatever else the machine does.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,12 +39,52 @@ try:
 except ImportError:
     from workers.launchers.redis import EmbeddedRedis
 
+CALLGRIND = os.environ.get("STUI_PROBE_CALLGRIND", "")
+
+
+class CallgrindRedis(EmbeddedRedis):  # type: ignore[misc, unused-ignore]
+    """The embedded Redis under callgrind, instrumentation off until asked."""
+
+    def command(self) -> list[str]:
+        # --hz 1: serverCron's timed work, counted with the requests', runs
+        # once a second rather than ten times (Redis is slow under valgrind).
+        return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={CALLGRIND}/callgrind.%p", *super().command(),
+                "--hz", "1"]
+
+
+class Counter:
+    """Redis' executed instructions over a stretch of requests (callgrind_control)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.dumps = str(pid), 0
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, self.pid], check=True, capture_output=True,
+                       timeout=120)
+
+    def start(self) -> None:
+        self._control("-i", "on")
+        self._control("-z")
+
+    def stop(self) -> int:
+        self._control("-d")
+        self._control("-i", "off")
+        self.dumps += 1
+        dump = Path(CALLGRIND) / f"callgrind.{self.pid}.{self.dumps}"
+        found = re.search(r"^summary: (\d+)", dump.read_text(), re.MULTILINE)
+        if not found:
+            raise RuntimeError(f"no summary in {dump}")
+        return int(found.group(1))
+
+
 NOT_INNER = {"evalsha", "eval", "info", "script", "flushall", "config"}
 STATE = {"cursor": {"line": 12, "column": 4}, "workspace": "Transcript showln: 3 + 4. " * 38}
 
 
 class Probe:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, counter: Counter | None = None) -> None:
+        self.counter = counter
         self.r = redis.Redis.from_url(url)
         settings = Settings(redis_url=url, rate_burst=10**9, create_burst=10**9,
                             max_sessions_per_client=10**6, stats_max_age=0)
@@ -55,8 +105,11 @@ class Probe:
 
     def measure(self, requests: list[tuple[str, dict[str, Any]]]) -> dict[str, float]:
         before = self.stats()
+        if self.counter:
+            self.counter.start()
         for command, params in requests:
             self.ask(command, **params)
+        executed = self.counter.stop() if self.counter else 0
         after = self.stats()
 
         def delta(name: str, i: int) -> int:
@@ -65,15 +118,19 @@ class Probe:
         scripts = delta("evalsha", 0)
         inner = sum(delta(k, 0) for k in after if k not in NOT_INNER)
         n = len(requests)
-        return {"usec": delta("evalsha", 1) / max(scripts, 1), "calls": inner / n,
-                "scripts": scripts / n}
+        found = {"usec": delta("evalsha", 1) / max(scripts, 1), "calls": inner / n,
+                 "scripts": scripts / n}
+        if self.counter:
+            found["instructions"] = executed / n
+        return found
 
 
 def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-    server = EmbeddedRedis().start()
+    # valgrind starts redis-server slowly: give it longer than the default wait.
+    server = CallgrindRedis().start(wait=120) if CALLGRIND else EmbeddedRedis().start()
     try:
-        p = Probe(server.url)
+        p = Probe(server.url, Counter(server.process.pid) if CALLGRIND else None)
         sids = [p.ask("create_session", client_id=f"c{n % 50}")["session_id"]
                 for n in range(repeats)]
         for sid in sids:

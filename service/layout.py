@@ -17,8 +17,9 @@ A session hash (keys.session_key) holds:
     k:<id>     a checkpoint's snapshot
     kl:<id>    a checkpoint's label (absent: none)
 
-`m` is the numbers of META, comma-separated, then the client id (which the
-protocol's pattern keeps free of commas):
+`m` is the numbers of META, then the client id, as consecutive MessagePack
+values (packed and read in C by Redis' cmsgpack, unpack_meta here; an
+earlier build wrote them as text, comma-separated, which is still read):
 
     xe  the exact expiry (ms): last activity + timeout. A session whose xe
         has passed is gone, whatever its key's TTL says.
@@ -130,11 +131,27 @@ class Meta:
 
 
 def unpack_meta(packed: bytes | str) -> Meta:
+    """`m` as the scripts pack it (MessagePack: the numbers of META, then
+    the client id) or as an earlier build wrote it (text, `n,n,...,client`,
+    which starts with a digit). ValueError when it is neither."""
     if isinstance(packed, str):
         packed = packed.encode("utf-8")
-    parts = packed.split(b",", len(META))
-    numbers = [int(x) for x in parts[: len(META)]]
-    return Meta(*numbers, c=parts[len(META)].decode("utf-8"))  # type: ignore[arg-type, misc]
+    if packed[:1].isdigit():
+        parts = packed.split(b",", len(META))
+        numbers = [int(x) for x in parts[: len(META)]]
+        return Meta(*numbers, c=parts[len(META)].decode("utf-8"))  # type: ignore[arg-type, misc]
+    reader = _Reader(packed)
+    numbers = [reader.number() for _ in META]
+    client = reader.string().decode("utf-8")
+    if reader.pos != len(packed):
+        raise ValueError("the metadata has bytes after the client id")
+    return Meta(*numbers, c=client)  # type: ignore[arg-type, misc]
+
+
+def pack_meta(meta: Meta) -> bytes:
+    """`m` as the scripts write it with cmsgpack (for tests and tools)."""
+    numbers = [getattr(meta, name) for name in META]
+    return b"".join([*map(_mp_uint, numbers), _mp_str(meta.c.encode("utf-8"))])
 
 
 def pack_template(
@@ -288,7 +305,7 @@ def pack_snapshot(counters: dict[str, int], fields: list[tuple[bytes, bytes]]) -
 
 
 class _Reader:
-    """Just the MessagePack a snapshot holds: arrays, unsigned integers and
+    """Just the MessagePack a snapshot or `m` holds: arrays, integers and
     strings (str or bin); anything else is malformed."""
 
     _WIDTH: ClassVar[dict[int, int]] = {0: 1, 1: 2, 2: 4, 3: 8}
@@ -321,6 +338,26 @@ class _Reader:
         if 0xCC <= code <= 0xCF:
             return self._size(self._WIDTH[code - 0xCC])
         raise ValueError("a snapshot counter is not a whole number")
+
+    def number(self) -> int:
+        """A whole number as cmsgpack packs a Lua number: unsigned, signed,
+        or (were a script ever to compute a fraction) a double, truncated as
+        the text form's '%d' did."""
+        code = self.data[self.pos] if self.pos < len(self.data) else -1
+        if code >= 0xE0:  # a negative fixint
+            self.pos += 1
+            return code - 0x100
+        if 0xD0 <= code <= 0xD3:
+            self.pos += 1
+            width = self._WIDTH[code - 0xD0]
+            return int.from_bytes(self._take(width), "big", signed=True)
+        if code == 0xCB:
+            self.pos += 1
+            value = struct.unpack(">d", self._take(8))[0]
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("a number is not finite")
+            return int(value)
+        return self.uint()
 
     def string(self) -> bytes:
         code = self._take(1)[0]

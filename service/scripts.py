@@ -77,14 +77,14 @@ local INDEX_HEADROOM = __HEADROOM__  -- service.layout.INDEX_HEADROOM_MS
 
 -- One clock reading per script call.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 
--- Numbers handed to redis.call or stored go through here: Lua's default
--- number formatting (%.14g) rounds integers from 10^14 on. The service's
--- own numbers (ms timestamps, versions up to 2^40, byte counts) stay below
--- that, and table.concat and redis.call format them exactly, and faster.
+-- Numbers handed to redis.call or joined into a string go through here, as
+-- integers: Lua's own conversion (%.14g) rounds integers from 10^14 on, and
+-- it and redis.call's (%.17g) print through C's floating-point formatting,
+-- which costs Redis over twice what '%d' does (benchmarks/rediscount.py).
 local function str(x)
-  if type(x) == 'number' and x >= 1e14 then return string.format('%d', x) end
+  if type(x) == 'number' then return string.format('%d', x) end
   return x
 end
 
@@ -233,7 +233,7 @@ end
 -- zero byte.
 local function replay_parse(rec, fp)
   local at, parts = string.match(rec, '^(%d+):(.*)$', 9)
-  if not at or tonumber(at) + tonumber(ARGV[3]) <= now then return nil end
+  if not at or at + ARGV[3] <= now then return nil end
   if string.sub(rec, 1, 8) ~= fp then return {'REUSED'} end
   local out = {'OK', at = at}
   for p in string.gmatch(parts, '[^,]+') do out[#out + 1] = p end
@@ -272,7 +272,7 @@ local function replay_add(q, reply, n)
   local head = ARGV[2] .. str(now) .. ':' .. replay_parts(reply, n)
   if not q then return head end
   local at = tonumber(string.match(q, '^(%d+):', 17))
-  if not at or at + tonumber(ARGV[3]) <= now then return head end
+  if not at or at + ARGV[3] <= now then return head end
   local e, s = nil, 1
   for _ = 2, REPLAY_MAX do
     e = string.find(q, ';', s + 16, true)
@@ -290,7 +290,7 @@ end
 
 local function index_replay_save(f, reply, n)
   idx_set(f, string.sub(ARGV[2], 9) .. str(now) .. ':' .. replay_parts(reply, n))
-  idx_need(now + tonumber(ARGV[3]))
+  idx_need(now + ARGV[3])
 end
 
 __META_CODE__
@@ -361,7 +361,7 @@ end
 -- True when the write that turned `before` (a cost) into m may not go ahead.
 local function too_large(m, before, cap)
   local after = cost(m)
-  return after > tonumber(cap) and after > before
+  return after > cap + 0 and after > before
 end
 
 -- Sliding expiry, first half: the exact expiry moves to now + timeout. The
@@ -598,20 +598,33 @@ end
 
 
 def _meta_code() -> str:
-    """unpack_meta and pack_meta, unrolled over layout.META: one anchored
-    match and one string.format, no table of names walked per call (a gmatch
-    loop and %.14g conversions cost three times as much Lua time)."""
+    """unpack_meta and pack_meta, unrolled over layout.META. The numbers are
+    MessagePack, packed and read in C by cmsgpack: no number is printed or
+    parsed in Lua, which cost the text form ('n,n,...,client') over twice as
+    many Redis instructions (an anchored match of 19 captures, 18 strtod, a
+    string.format of 19 arguments; benchmarks/rediscount.py). A session an
+    earlier build wrote in text is read as such (its first byte is a digit,
+    which no packed m starts with: xe never fits a one-byte integer) and
+    packed at its next write."""
     names = layout.META
     pattern = "^" + "(%d+)," * len(names) + "(.*)$"
     fields = ", ".join(f"{n} = {n} + 0" for n in names)  # '+ 0': tonumber without a call
+    locals_ = ", ".join(names)
     return f"""-- The metadata (layout.META, then the client id), packed in the field m.
 local function unpack_meta(packed)
-  local {", ".join(names)}, c = string.match(packed, '{pattern}')
-  return {{{fields}, c = c}}
+  local first = string.byte(packed)
+  if first and first >= 48 and first <= 57 then
+    local {locals_}, c = string.match(packed, '{pattern}')
+    return {{{fields}, c = c}}
+  end
+  local {locals_}, c = cmsgpack.unpack(packed)
+  -- Anything but what pack_meta wrote fails here, not later as a wrong answer.
+  if type(c) ~= 'string' then error('malformed session metadata') end
+  return {{{", ".join(f"{n} = {n}" for n in names)}, c = c}}
 end
 
 local function pack_meta(m)
-  return string.format('{"%d," * len(names)}%s', {", ".join("m." + n for n in names)}, m.c)
+  return cmsgpack.pack({", ".join("m." + n for n in names)}, m.c)
 end"""
 
 
@@ -781,7 +794,7 @@ if r then
   if r[1] == 'REUSED' then return r end
   return untouched({'OK', r[2], r.at, 0})
 end
-if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= m.v then return {'CONFLICT', m.v} end
+if ARGV[7] ~= '' and ARGV[7] + 0 ~= m.v then return {'CONFLICT', m.v} end
 -- Taken now, of the state before any change; written only if the update is.
 local ck, book, took, names = nil, nil, 0, nil
 if replace then
@@ -808,7 +821,7 @@ end
 -- write changes nothing, so a refusal repeats that count until a write
 -- that passes stores the exact sb).
 local old, exact = {}, replace
-local maxkeys = tonumber(ARGV[10])
+local maxkeys = ARGV[10] + 0
 if replace then
   -- The state's keys, from the names the checkpoint read (one HKEYS).
   for _, f in ipairs(names) do
@@ -853,7 +866,7 @@ else
   keys_before = sn
 end
 if replace then
-  if m.sn > tonumber(ARGV[10]) and m.sn > keys_before then return {'TOOMANYKEYS'} end
+  if m.sn > maxkeys and m.sn > keys_before then return {'TOOMANYKEYS'} end
   if too_large(m, before, ARGV[9]) then return {'TOOLARGE'} end
 end
 m.v, m.lm = m.v + 1, now
@@ -991,7 +1004,7 @@ STATS = Script(
 -- KEYS[1] bucket expiry zset, KEYS[2] bucket clients zset. ARGV: none.
 -- Returns {live_sessions, active_clients}.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local bound = '(' .. string.format('%d', now)
 return {redis.call('ZCOUNT', KEYS[1], bound, '+inf'), redis.call('ZCOUNT', KEYS[2], bound, '+inf')}
 """,

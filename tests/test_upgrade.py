@@ -217,3 +217,44 @@ def test_housekeeping_reads_the_previous_release_index_entries(
     assert ok(dispatcher, "get_session_statistics")["total_sessions"] == 2
     listing = ok(dispatcher, "list_client_sessions", client_id="hk-up")
     assert sorted(s["session_id"] for s in listing["sessions"]) == sorted([kept, moved])
+
+
+def text_meta(meta: layout.Meta) -> bytes:
+    """`m` as builds before the MessagePack form wrote it: the numbers, then
+    the client id, comma-separated."""
+    numbers = [b"%d" % getattr(meta, name) for name in layout.META]
+    return b",".join([*numbers, meta.c.encode("utf-8")])
+
+
+def test_text_metadata_of_an_earlier_build_is_read_then_packed(
+    dispatcher: Dispatcher, redis_client: redis.Redis
+) -> None:
+    sid = ok(dispatcher, "create_session", client_id="texty", timeout=600)["session_id"]
+    ok(dispatcher, "update_session_state", session_id=sid, state_data={"a": 1, "b": "x" * 50})
+    key = keys.session_key(sid)
+    packed = redis_client.hget(key, "m")
+    assert isinstance(packed, bytes) and not packed[:1].isdigit()  # MessagePack
+    meta = layout.unpack_meta(packed)
+    assert layout.pack_meta(meta) == packed  # the Python writer agrees with cmsgpack
+    text = text_meta(meta)
+    assert layout.unpack_meta(text) == meta
+    redis_client.hset(key, "m", text)
+
+    # Read as it is: every counter and the owner come through.
+    info = ok(dispatcher, "get_session_info", session_id=sid)
+    assert info["version"] == meta.v and info["client_id"] == "texty"
+    assert redis_client.hget(key, "m") == text  # a read writes nothing
+    assert ok(dispatcher, "restore_session", session_id=sid)["session_state"] == {
+        "a": 1, "b": "x" * 50}
+    # restore_session slides the expiry: that write packs it already.
+    assert not (redis_client.hget(key, "m") or b"0")[:1].isdigit()
+    redis_client.hset(key, "m", text)
+
+    # Packed at the next write, with the same counters moved on by the write.
+    ok(dispatcher, "update_session_state", session_id=sid, state_data={"c": 2})
+    after = redis_client.hget(key, "m")
+    assert isinstance(after, bytes) and not after[:1].isdigit()
+    moved = layout.unpack_meta(after)
+    assert (moved.v, moved.sn, moved.c) == (meta.v + 1, meta.sn + 1, "texty")
+    assert ok(dispatcher, "restore_session", session_id=sid)["session_state"] == {
+        "a": 1, "b": "x" * 50, "c": 2}
