@@ -40,15 +40,51 @@ class Run:
     stages: dict[str, Any] | None = None  # benchmarks.stages.measure
     memory_scale: list[dict[str, Any]] = field(default_factory=list)  # benchmarks.memscale
     rediscost: dict[str, Any] | None = None  # the last benchmarks.rediscost run, if any
+    rediscount: dict[str, Any] | None = None  # the last benchmarks.rediscount run, if any
 
 
-def load_rediscost() -> dict[str, Any] | None:
-    """benchmarks/results/rediscost.json, written by benchmarks.rediscost."""
-    path = RESULTS / "rediscost.json"
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
     if not path.exists():
         return None
     loaded: dict[str, Any] = json.loads(path.read_text())
     return loaded
+
+
+def load_rediscost() -> dict[str, Any] | None:
+    """benchmarks/results/rediscost.json, written by benchmarks.rediscost."""
+    return _load("rediscost.json")
+
+
+def load_rediscount() -> dict[str, Any] | None:
+    """benchmarks/results/rediscount.json, written by benchmarks.rediscount."""
+    return _load("rediscount.json")
+
+
+# The commit the lean-path issue's "now" column (Redis time per update 74-79
+# us, every other command 35-71 us) was measured on.
+ISSUE_BASELINE = "67c3ff1"
+
+
+def _instruction_ratios(run: Run, update: bool) -> str:
+    """The instruction count against the issue's baseline commit, from the
+    last benchmarks.rediscount run: a ratio no machine's load moves."""
+    counted = run.rediscount or {}
+    if ISSUE_BASELINE not in counted.get("against", []):
+        return ""
+    commands = counted["commands"]
+    if update:
+        c = commands["update_session_state"]
+        return (f" Counted in instructions (`benchmarks.rediscount`, {counted['date']}), "
+                f"an update executes {c['new'] / c[ISSUE_BASELINE]:.2f}x what it did at "
+                f"{ISSUE_BASELINE}, where the issue measured 74-79 us; its 40 us floor is "
+                "0.51-0.54x of that.")
+    others = {op: c["new"] / c[ISSUE_BASELINE] for op, c in commands.items()
+              if op not in ("update_session_state", "get_session_statistics")}
+    worst = max(others, key=lambda op: others[op])
+    return (f" Counted in instructions (`benchmarks.rediscount`, {counted['date']}) against "
+            f"{ISSUE_BASELINE}, where the issue measured 35-71 us: at most "
+            f"{others[worst]:.2f}x ({worst}).")
 
 
 TEMPLATE = """\
@@ -432,7 +468,9 @@ def _why(run: Run) -> str:
         if t.met or not t.name.startswith(("Redis time", "Redis calls")):
             continue
         out.append(f"- **{t.name}.** {t.measured}; the quiet figures of "
-                   "`benchmarks.rediscost` and the per-command table below show where.")
+                   "`benchmarks.rediscost` and the per-command table below show where."
+                   + (_instruction_ratios(run, t.name.startswith("Redis time per update"))
+                      if t.name.startswith("Redis time") else ""))
     return "\n".join(out) if out else "Every target is met."
 
 

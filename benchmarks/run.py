@@ -75,7 +75,7 @@ def measure_all(cfg: Config, command: str, progress: Progress) -> report.Run:
                                 small, large, others)
     return report.Run(command, cfg, info, results, repeated, small, large, memory, verdicts,
                       time.monotonic() - started, "benchmarks.png", others, split, scale,
-                      report.load_rediscost())
+                      report.load_rediscost(), report.load_rediscount())
 
 
 def main(argv: list[str] | None = None) -> int:

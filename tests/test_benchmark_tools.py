@@ -71,5 +71,5 @@ def test_rediscount_counts_each_command_and_each_stretch_of_the_update(tmp_path:
     # Over 5 calls a Lua GC step can land in any one cut: only the ends compare.
     counts = [n for _, n in cuts]
     assert min(counts) > 10_000 and counts[-1] > counts[0]
-    report = rediscount.report("HEAD", {"found": found}, {"found": found}, cuts, 1.0, 5, {})
+    report = rediscount.report({"HEAD": {"found": found}}, {"found": found}, cuts, 1.0, 5, {})
     assert "| update_session_state |" in report and "1.00x" in report
