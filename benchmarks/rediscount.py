@@ -76,11 +76,12 @@ def cut_at(source: str, line: str) -> str:
 
 def update_breakdown(workdir: Path, sessions: int) -> list[tuple[str, float]]:
     """Instructions per update up to each cut, then for the whole script."""
-    os.environ["STUI_PROBE_CALLGRIND"] = str(workdir)
     import redis
 
     from benchmarks import rediscost_probe as rp
     from service import scripts, store
+
+    rp.CALLGRIND = str(workdir)  # where callgrind writes its dumps (read at each use)
 
     recorded: list[tuple[list[Any], list[Any]]] = []
     pack = store._pack

