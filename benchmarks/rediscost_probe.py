@@ -60,9 +60,8 @@ class Counter:
     also pay for garbage that earlier ones left (several percent of a small
     command, and different for two trees)."""
 
-    def __init__(self, pid: int, url: str) -> None:
-        self.pid, self.dumps = str(pid), 0
-        self.client = redis.Redis.from_url(url)
+    def __init__(self, pid: int, client: redis.Redis) -> None:
+        self.pid, self.dumps, self.client = str(pid), 0, client
 
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, self.pid], check=True, capture_output=True,
@@ -89,8 +88,8 @@ STATE = {"cursor": {"line": 12, "column": 4}, "workspace": "Transcript showln: 3
 
 
 class Probe:
-    def __init__(self, url: str, counter: Counter | None = None) -> None:
-        self.counter = counter
+    def __init__(self, url: str) -> None:
+        self.counter: Counter | None = None  # set to count instructions too
         self.r = redis.Redis.from_url(url)
         settings = Settings(redis_url=url, rate_burst=10**9, create_burst=10**9,
                             max_sessions_per_client=10**6, stats_max_age=0)
@@ -136,7 +135,9 @@ def main() -> None:
     # valgrind starts redis-server slowly: give it longer than the default wait.
     server = CallgrindRedis().start(wait=120) if CALLGRIND else EmbeddedRedis().start()
     try:
-        p = Probe(server.url, Counter(server.process.pid, server.url) if CALLGRIND else None)
+        p = Probe(server.url)
+        if CALLGRIND:
+            p.counter = Counter(server.process.pid, p.r)
         sids = [p.ask("create_session", client_id=f"c{n % 50}")["session_id"]
                 for n in range(repeats)]
         for sid in sids:

@@ -76,8 +76,6 @@ def cut_at(source: str, line: str) -> str:
 
 def update_breakdown(workdir: Path, sessions: int) -> list[tuple[str, float]]:
     """Instructions per update up to each cut, then for the whole script."""
-    import redis
-
     from benchmarks import rediscost_probe as rp
     from service import scripts, store
 
@@ -95,8 +93,9 @@ def update_breakdown(workdir: Path, sessions: int) -> list[tuple[str, float]]:
     store._pack = spy
     try:
         assert server.process is not None
-        counter = rp.Counter(server.process.pid, server.url)
         p = rp.Probe(server.url)
+        client = p.r
+        counter = rp.Counter(server.process.pid, client)
         sids = [p.ask("create_session", client_id=f"c{n % 50}")["session_id"]
                 for n in range(sessions)]
         for sid in sids:
@@ -105,7 +104,6 @@ def update_breakdown(workdir: Path, sessions: int) -> list[tuple[str, float]]:
         for n, sid in enumerate(sids):
             p.ask("update_session_state", session_id=sid,
                   state_data={**rp.STATE, "cursor": {"line": n, "column": 1}})
-        client = redis.Redis.from_url(server.url)
         found: list[tuple[str, float]] = []
         for label, line in (*CUTS, ("the whole script", None)):
             source = cut_at(scripts.UPDATE.source, line) if line else scripts.UPDATE.source
@@ -124,7 +122,6 @@ def update_breakdown(workdir: Path, sessions: int) -> list[tuple[str, float]]:
             counter.start()
             replay(recorded)
             found.append((label, counter.stop() / len(recorded)))
-        client.close()
         return found
     finally:
         store._pack = pack

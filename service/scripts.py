@@ -256,19 +256,12 @@ local function replay_lookup(q)
   end
 end
 
--- Integers through '%d' (as str() does), anything else as it is.
+-- The reply's parts after its status, joined with ',' (numbers through
+-- str(): every reply part a record keeps is a whole number or a string).
 local function replay_parts(reply, n)
-  if n == 2 then  -- one part (most records): no table to build and join
-    local x = reply[2]
-    if type(x) == 'number' and x == math.floor(x) then x = string.format('%d', x) end
-    return x
-  end
+  if n == 2 then return str(reply[2]) end  -- one part (most records): no table
   local parts = {}
-  for i = 2, n do
-    local x = reply[i]
-    if type(x) == 'number' and x == math.floor(x) then x = string.format('%d', x) end
-    parts[#parts + 1] = x
-  end
+  for i = 2, n do parts[#parts + 1] = str(reply[i]) end
   return table.concat(parts, ',')
 end
 
